@@ -1,0 +1,3 @@
+from rwkv_infctx.cli import main
+
+raise SystemExit(main())
