@@ -1,0 +1,170 @@
+"""`RWKVDataModule`: the `data:` section of the YAML as a LightningDataModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from rwkv_infctx.data import store
+from rwkv_infctx.data.build import loadable_metadata, make_fingerprint, prepare
+from rwkv_infctx.data.collate import collate
+from rwkv_infctx.data.config import DataConfig
+from rwkv_infctx.data.sources import resolve_source
+from rwkv_infctx.errors import UserError
+from rwkv_infctx.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    import datasets
+
+
+class RWKVDataModule(LightningDataModule):
+    """Tokenizes a Hugging Face dataset once into `data_path` and serves padded batches from it.
+
+    Batches are dicts of `input_ids`, `target_ids` (B, T) int64, `loss_mask` (B, T) float32 and
+    `lengths` (B,) int64; see `rwkv_infctx.data.collate`. Every option is described in docs/data.md.
+
+    Args:
+        source: Hub dataset name; a builder (text, json, csv, parquet, arrow) with source_data_dir or
+            data_files; a path to a file or folder; or pkg://NAME for a bundled file. Empty: load data_path.
+        source_data_dir: Folder of data files for a builder source.
+        data_files: File(s) or glob(s) for a builder source, or a mapping split -> files.
+        source_split: Split of the source to use.
+        source_dataset_params: Extra keyword arguments for datasets.load_dataset.
+        tokenizer: neox, world, a path to a tokenizer.json, or a local HF tokenizer name (default neox).
+        data_path: Folder where the tokenized dataset is saved and loaded from.
+        text_column: Column holding the text (default text).
+        multi_column_keys: Columns joined into one sample, in order.
+        multi_column_prefix: Text before each column's value, one per key.
+        multi_column_suffix: Text after each column's value, one per key.
+        multi_column_separator: Text between columns; masked like the column before it.
+        multi_column_train_mask: Per key, true if its tokens are learnt, false if prompt only.
+        min_token_size: Drop documents with fewer tokens.
+        max_token_size: Drop documents with more tokens.
+        test_split: Samples held out for validation (after rechunk): a fraction below 1, else a count.
+        test_split_shuffle: Hold out random samples rather than the last ones.
+        test_split_seed: Seed for test_split_shuffle.
+        rechunk_size: Join documents with end-of-text into samples of this many tokens; -1: one sample.
+        num_proc: Processes for tokenization.
+        cache_dir: Cache folder for datasets; default HF cache (hub) or a temporary folder (local).
+        batch_size: Samples per micro-batch.
+        num_workers: DataLoader worker processes.
+        shuffle: Shuffle training samples each epoch.
+    """
+
+    def __init__(
+        self,
+        source: str | None = None,
+        source_data_dir: str | None = None,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        source_split: str = "train",
+        source_dataset_params: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        data_path: str | None = None,
+        text_column: str | None = None,
+        multi_column_keys: list[str] | None = None,
+        multi_column_prefix: list[str] | None = None,
+        multi_column_suffix: list[str] | None = None,
+        multi_column_separator: str = "",
+        multi_column_train_mask: list[bool] | None = None,
+        min_token_size: int | None = None,
+        max_token_size: int | None = None,
+        test_split: float = 0.0,
+        test_split_shuffle: bool = True,
+        test_split_seed: int = 42,
+        rechunk_size: int | None = None,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = DataConfig(**self.hparams)
+        self.metadata: dict[str, Any] | None = None
+        self.splits: datasets.DatasetDict | None = None
+
+    def prepare_data(self) -> None:
+        """Build `data_path` unless it already matches the config (runs on one process per node)."""
+        done = prepare(self.config)
+        self.metadata = done.metadata
+        rank_zero_info(done.message(str(self.config.data_path)))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the prepared splits; refuses a `data_path` that does not match the config."""
+        if self.splits is not None:
+            return
+        self.metadata = self._checked_metadata()
+        self.splits = store.load_splits(Path(self.config.data_path or ""))
+
+    def _checked_metadata(self) -> dict[str, Any]:
+        meta = loadable_metadata(self.config)
+        if self.config.source is not None:
+            tokenizer = load_tokenizer(self.config.tokenizer or "neox")
+            wanted = make_fingerprint(self.config, resolve_source(self.config), tokenizer)
+            if meta["fingerprint"] != wanted:
+                changed = ", ".join(store.changed_keys(meta["fingerprint"], wanted))
+                raise UserError(
+                    f"data.data_path {self.config.data_path}: out of date ({changed}); run prepare_data first"
+                )
+        return meta
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.splits is None:
+            self.setup()
+        assert self.splits is not None
+        ds = self.splits[split].with_format("numpy", columns=["input_ids", "loss_mask"])
+        return DataLoader(
+            ds,  # type: ignore[arg-type]
+            batch_size=self.config.batch_size,
+            shuffle=shuffle,
+            num_workers=self.config.num_workers,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.config.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of the `test` split; an empty list when `test_split` is 0."""
+        if self.splits is None:
+            self.setup()
+        assert self.splits is not None
+        return self._loader("test", False) if "test" in self.splits else []
+
+    def _meta(self) -> dict[str, Any]:
+        if self.metadata is None:
+            self.metadata = self._checked_metadata()
+        return self.metadata
+
+    def vocab_size_needed(self) -> int:
+        """Largest token id in any prepared split, plus one: the smallest model vocab that fits."""
+        return max(s["max_token_id"] for s in self._meta()["splits"].values()) + 1
+
+    def check_vocab_size(self, vocab_size: int) -> None:
+        """Raise `UserError` if a token id would not fit a model vocabulary of `vocab_size`."""
+        needed = self.vocab_size_needed()
+        if needed > vocab_size:
+            raise UserError(
+                f"model.vocab_size: {vocab_size}, but data_path {self.config.data_path} holds token id "
+                f"{needed - 1} (tokenizer {self.tokenizer_spec!r}); expected at least {needed}"
+            )
+
+    @property
+    def tokenizer_spec(self) -> str:
+        """The tokenizer the prepared data was built with (`neox`, `world`, a path or a name)."""
+        return self._meta()["tokenizer"]["spec"]
+
+    @property
+    def eot_id(self) -> int:
+        """End-of-text token id of that tokenizer."""
+        return self._meta()["tokenizer"]["eot_id"]
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per split: samples, tokens, learnt_tokens, longest, max_token_id."""
+        return self._meta()["splits"]
