@@ -1,0 +1,321 @@
+"""Long samples in segments: exact backpropagation through time in constant memory.
+
+Shape legend: B batch, T time (the padded sample length), V vocab_size.
+
+A micro-batch of any length T is cut into segments of `ctx_len` tokens; the recurrent state is
+carried from segment to segment. `bptt_step` returns a scalar *proxy* tensor. Calling `backward()` on
+it (once, as Lightning, DDP and DeepSpeed expect) fills every parameter's `.grad` with exactly the
+gradient of unsegmented backpropagation through the whole sample:
+
+- forward (no grad): a state-only pass (no head, no last channel-mix matmuls) over the segments,
+  keeping only each segment's input state: a few KB to MB per segment, nothing per token.
+- backward: segments in reverse order. Each is recomputed from its saved input state with grad
+  enabled, its loss is computed, and one `torch.autograd.grad` of
+  `loss_i + <out_state_i, dL/d out_state_i>` gives its parameter gradients (accumulated) and the
+  gradient of its input state, which is handed to the previous segment.
+
+So one segment's graph is alive at a time, and the cost is one state-only forward plus an ordinary
+forward and backward: about 3F + F_state against 3F unsegmented (docs/training.md has measurements).
+The loss value is only known after the backward; it lands in the returned `StepReport`.
+
+Boundaries come in three kinds (`Segment.entry`):
+    "carry":  the state and its gradient cross the boundary (bptt: full).
+    "detach": the state's value crosses, its gradient does not (bptt: truncated).
+    "fresh":  a new piece starts from a fresh state (ctx_len_cutoff, or the first segment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from rwkv_infctx.errors import UserError
+from rwkv_infctx.state import RecurrentState
+from rwkv_infctx.training.loss import objective, segment_terms, token_count
+
+BpttMode = Literal["full", "truncated"]
+BPTT_MODES = ("full", "truncated")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Columns [start, end) of the batch, and how the state enters them (see the module doc)."""
+
+    start: int
+    end: int
+    entry: Literal["fresh", "carry", "detach"]
+
+
+def plan_segments(
+    length: int, ctx_len: int, ctx_len_cutoff: int | None = None, bptt: BpttMode = "full"
+) -> list[Segment]:
+    """Cut `length` columns into pieces of `ctx_len_cutoff` (None: one piece), each into segments.
+
+    Segments never straddle a piece boundary, so a piece's last segment may be shorter than ctx_len.
+    """
+    if ctx_len <= 0:
+        raise UserError(f"model.ctx_len: {ctx_len} (expected a positive number of tokens)")
+    if ctx_len_cutoff is not None and ctx_len_cutoff <= 0:
+        raise UserError(f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)")
+    if bptt not in BPTT_MODES:
+        raise UserError(f"model.bptt: {bptt!r} (expected one of {', '.join(BPTT_MODES)})")
+    piece = ctx_len_cutoff or max(length, 1)
+    inner = "carry" if bptt == "full" else "detach"
+    segments = []
+    for p0 in range(0, length, piece):
+        p1 = min(p0 + piece, length)
+        segments += [Segment(s, min(s + ctx_len, p1), "fresh" if s == p0 else inner) for s in range(p0, p1, ctx_len)]
+    return segments
+
+
+@dataclass
+class StepReport:
+    """What one micro-batch did. `ce_sum` (and so `loss`) is filled in by the backward pass."""
+
+    n_tokens: float
+    """N: unmasked target tokens of the micro-batch (the loss's denominator)."""
+    n_segments: int
+    """Segments per sample: ceil(T / ctx_len) over the padded length (per piece, summed)."""
+    tokens: int
+    """Tokens read (B × T, padding included)."""
+    ce_sum: float | None = None
+
+    @property
+    def loss(self) -> float | None:
+        """Mean cross-entropy per unmasked token (without L2Wrap); 0 when N = 0; None before backward."""
+        if self.ce_sum is None:
+            return None
+        return self.ce_sum / self.n_tokens if self.n_tokens > 0 else 0.0
+
+
+def unpack_batch(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, target_ids, loss_mask), each (B, T); targets are zeroed where the mask is 0."""
+    try:
+        inputs, targets, mask = batch["input_ids"], batch["target_ids"], batch["loss_mask"]
+    except KeyError as e:
+        raise UserError(f"batch: missing {e.args[0]!r} (expected input_ids, target_ids, loss_mask)") from None
+    if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.shape != mask.shape:
+        shapes = ", ".join(f"{k} {tuple(batch[k].shape)}" for k in ("input_ids", "target_ids", "loss_mask"))
+        raise UserError(f"batch: {shapes} (expected three (B, T) tensors of one shape)")
+    return inputs, torch.where(mask != 0, targets, 0), mask
+
+
+def check_token_ids(batch: dict[str, Tensor], vocab_size: int) -> None:
+    """UserError if a token id is negative or ≥ vocab_size (the embedding would fail obscurely)."""
+    inputs, targets, _ = unpack_batch(batch)
+    for name, ids in (("input_ids", inputs), ("target_ids", targets)):
+        if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            raise UserError(
+                f"data: token id {bad} in {name} is outside the model's vocabulary 0..{vocab_size - 1} "
+                "(model.vocab_size and data.tokenizer do not match)"
+            )
+
+
+def bptt_step(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    ctx_len: int,
+    ctx_len_cutoff: int | None = None,
+    bptt: BpttMode = "full",
+    grad_cp: bool = False,
+) -> tuple[Tensor, StepReport]:
+    """(proxy, report) for one micro-batch; `proxy.backward()` computes the exact gradients.
+
+    The proxy's value is 0; `report.loss` holds the real loss once the backward has run. The proxy
+    may be scaled before backward (gradient accumulation): the gradients scale with it.
+    `model(tokens_BT, state, compute_logits) -> (logits | None, state)` and
+    `model.fresh_state(B, device)` are all that is asked of the model.
+    """
+    inputs, targets, mask = unpack_batch(batch)
+    B, T = inputs.shape
+    segments = plan_segments(T, ctx_len, ctx_len_cutoff, bptt)
+    report = StepReport(n_tokens=float(token_count(mask)), n_segments=len(segments), tokens=B * T)
+    run = _SegmentedRun(model, inputs, targets, mask, segments, grad_cp, report)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _SegmentedBPTT.apply(run, *params), report
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, batch: dict[str, Tensor], ctx_len: int, ctx_len_cutoff: int | None = None
+) -> StepReport:
+    """The loss of a micro-batch without gradients, segment by segment (for validation and test)."""
+    inputs, targets, mask = unpack_batch(batch)
+    B, T = inputs.shape
+    segments = plan_segments(T, ctx_len, ctx_len_cutoff)
+    n = token_count(mask)
+    ce_total = 0.0
+    state = None
+    for seg in segments:
+        if seg.entry == "fresh":
+            state = model.fresh_state(B, inputs.device)
+        cols = slice(seg.start, seg.end)
+        logits, state = model(inputs[:, cols], state, compute_logits=True)
+        ce_total += float(segment_terms(logits, targets[:, cols], mask[:, cols])[0])
+    return StepReport(n_tokens=float(n), n_segments=len(segments), tokens=B * T, ce_sum=ce_total)
+
+
+class _SegmentedBPTT(torch.autograd.Function):
+    """One autograd node per micro-batch; its inputs are the parameters, its output the proxy."""
+
+    @staticmethod
+    def forward(ctx, run: _SegmentedRun, *params: Tensor) -> Tensor:
+        run.state_pass()
+        ctx.run = run
+        return torch.zeros((), device=run.inputs.device)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        run, ctx.run = ctx.run, None
+        return (None, *run.backward_pass(grad_out))
+
+
+@dataclass
+class _SegmentedRun:
+    """The work of one micro-batch: the saved boundary states and the reverse sweep."""
+
+    model: nn.Module
+    inputs: Tensor
+    targets: Tensor
+    mask: Tensor
+    segments: list[Segment]
+    grad_cp: bool
+    report: StepReport
+    in_states: list[RecurrentState | None] = field(default_factory=list)
+    rng_states: list[tuple[Tensor, Tensor | None] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_tokens = token_count(self.mask).to(self.inputs.device)
+        self.segments, self.seg_tokens = _drop_idle_tails(self.segments, self.mask)
+        device = self.inputs.device.type
+        self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        self.replay_rng = self.model.training and any(
+            isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.modules()
+        )
+
+    def state_pass(self) -> None:
+        """No-grad pass: record each segment's input state (and RNG state, for dropout)."""
+        B = self.inputs.shape[0]
+        state = None
+        for i, seg in enumerate(self.segments):
+            if seg.entry == "fresh":
+                state = self.model.fresh_state(B, self.inputs.device)
+            self.in_states.append(state)
+            self.rng_states.append(_capture_rng(self.inputs.device) if self.replay_rng else None)
+            last_of_piece = i + 1 == len(self.segments) or self.segments[i + 1].entry == "fresh"
+            if not last_of_piece:  # the state after a piece's last segment is never needed
+                _, state = self.model(self.inputs[:, seg.start : seg.end], state, compute_logits=False)
+
+    def backward_pass(self, grad_out: Tensor) -> list[Tensor]:
+        """Reverse sweep; returns the parameter gradients, scaled by grad_out."""
+        grads: list[Tensor | None] = [None] * len(self.params)
+        state_grad: tuple[Tensor | None, ...] | None = None
+        ce_total = 0.0
+        for i in reversed(range(len(self.segments))):
+            seg, state = self.segments[i], self.in_states[i]
+            self.in_states[i] = None
+            has_tokens = self.seg_tokens[i] > 0
+            if not has_tokens and state_grad is None:
+                continue  # contributes nothing: no loss and no gradient flowing through it
+            wants_state_grad = seg.entry == "carry"
+            if wants_state_grad:
+                state = state.map(lambda t, f: t.detach().requires_grad_())
+            with torch.enable_grad(), self._replay(i):
+                outputs, out_grads, ce_sum = self._segment_graph(seg, state, has_tokens, state_grad, grad_out)
+            ce_total += ce_sum
+            inputs = self.params + (list(state.tensors()) if wants_state_grad else [])
+            got = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True)
+            for j, g in enumerate(got[: len(self.params)]):
+                if g is not None:
+                    g = g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
+                    grads[j] = g if grads[j] is None else grads[j].add_(g)
+            state_grad = tuple(got[len(self.params) :]) if wants_state_grad else None
+        self.report.ce_sum = ce_total
+        return [
+            torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(self.params, grads, strict=True)
+        ]
+
+    def _segment_graph(
+        self, seg: Segment, state: RecurrentState, has_tokens: bool, state_grad, grad_out: Tensor
+    ) -> tuple[list[Tensor], list[Tensor], float]:
+        """Recompute one segment with grad; the outputs to differentiate and their incoming grads."""
+        cols = slice(seg.start, seg.end)
+        logits, out_state = self.model(self.inputs[:, cols], state, compute_logits=has_tokens)
+        outputs: list[Tensor] = []
+        out_grads: list[Tensor] = []
+        ce_value = 0.0
+        if has_tokens:
+            ce_sum, l2_sum = segment_terms(logits, self.targets[:, cols], self.mask[:, cols])
+            loss = objective(ce_sum, l2_sum, self.n_tokens)
+            outputs.append(loss)
+            out_grads.append(grad_out.to(loss.dtype).reshape(()))
+            ce_value = float(ce_sum.detach())
+        if state_grad is not None:
+            for t, g in zip(out_state.tensors(), state_grad, strict=True):
+                if g is not None and t.requires_grad:
+                    outputs.append(t)
+                    out_grads.append(g)
+        return outputs, out_grads, ce_value
+
+    @contextlib.contextmanager
+    def _replay(self, i: int) -> Iterator[None]:
+        """Recompute segment i under the forward's autocast, RNG (dropout) and grad_cp settings."""
+        device, dtype, enabled = self.autocast
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            rng = self.rng_states[i]
+            if rng is not None:
+                cuda = [self.inputs.device] if rng[1] is not None else []
+                stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
+                _restore_rng(rng, self.inputs.device)
+            if self.grad_cp:
+                stack.enter_context(checkpoint_blocks(self.model))
+            yield
+
+
+def _drop_idle_tails(segments: list[Segment], mask: Tensor) -> tuple[list[Segment], list[int]]:
+    """Drop each piece's trailing segments without unmasked tokens (they affect nothing)."""
+    per_col = torch.cumsum((mask != 0).sum(0), 0).tolist()
+    counts = [per_col[s.end - 1] - (per_col[s.start - 1] if s.start else 0) for s in segments]
+    keep = [True] * len(segments)
+    tail_idle = True
+    for i in reversed(range(len(segments))):
+        keep[i] = not (tail_idle and counts[i] == 0)
+        tail_idle = counts[i] == 0 and tail_idle
+        if segments[i].entry == "fresh":
+            tail_idle = True
+    return [s for s, k in zip(segments, keep, strict=True) if k], [c for c, k in zip(counts, keep, strict=True) if k]
+
+
+def _capture_rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore_rng(rng: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
+
+
+@contextlib.contextmanager
+def checkpoint_blocks(model: nn.Module) -> Iterator[None]:
+    """grad_cp: inside the context each of `model.blocks` recomputes its activations in backward."""
+    blocks = list(getattr(model, "blocks", []))
+    for block in blocks:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block),
+                                          use_reentrant=False)  # fmt: skip
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
