@@ -41,7 +41,9 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, C, bias=False)
         self.wkv_backend = cfg.wkv_backend
 
-    def forward(self, x_BTC: Tensor, shift_BC: Tensor, wkv_state: WKV4State) -> tuple[Tensor, Tensor, WKV4State]:
+    def forward(
+        self, x_BTC: Tensor, shift_BC: Tensor, wkv_state: WKV4State
+    ) -> tuple[Tensor, Tensor, WKV4State]:
         xx = token_shift(x_BTC, shift_BC)
         k_BTA = self.key(mix(x_BTC, xx, self.time_mix_k))
         v_BTA = self.value(mix(x_BTC, xx, self.time_mix_v))
@@ -155,4 +157,3 @@ class RWKV4(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-

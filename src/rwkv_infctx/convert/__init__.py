@@ -1,0 +1,1 @@
+"""Conversions between RWKV-LM model files and other ecosystems."""

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random RWKV-4 models written as RWKV-LM model files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_infctx.model import RWKV4, RWKV4Config
+
+
+def random_model(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> RWKV4:
+    """Every weight random (time parameters included): zero-initialised matrices would hide bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    model = RWKV4(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("time_decay"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 8 - 5)
+            elif name.endswith("time_first"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 3 - 2)
+            elif "time_mix" in name:
+                p.copy_(torch.rand(p.shape, generator=gen))
+            elif ".ln" in name or name.startswith("ln_"):
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return model.to(dtype)
+
+
+@pytest.fixture
+def tiny_cfg() -> RWKV4Config:
+    return RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80)
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg) -> RWKV4:
+    return random_model(tiny_cfg)
