@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from rwkv_infctx.errors import UserError
@@ -189,3 +190,29 @@ def _check_types(config: DataConfig) -> None:
 def known_options() -> list[str]:
     """Names of every `data:` option."""
     return [f.name for f in fields(DataConfig)]
+
+
+def config_from_yaml(path: str) -> DataConfig:
+    """The `data:` section of a training YAML (other sections ignored), checked.
+
+    Accepts the section flat (`data: {source: ...}`) or in LightningCLI's `init_args` form.
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config {path}: file not found")
+    try:
+        doc = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path}: expected a 'data:' section (a mapping of data options)")
+    if "init_args" in data:
+        data = data["init_args"] or {}
+    known = set(known_options())
+    for key in data:
+        if key not in known and key != "class_path":
+            raise UserError(f"config {path}: unknown key data.{key} (known: {', '.join(sorted(known))})")
+    return DataConfig(**{k: v for k, v in data.items() if k != "class_path"})

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from rwkv_infctx.data import store
 from rwkv_infctx.data.build import loadable_metadata, make_fingerprint, prepare
-from rwkv_infctx.data.collate import collate
+from rwkv_infctx.data.collator import collate
 from rwkv_infctx.data.config import DataConfig
 from rwkv_infctx.data.sources import resolve_source
 from rwkv_infctx.errors import UserError
@@ -25,7 +25,7 @@ class RWKVDataModule(LightningDataModule):
     """Tokenizes a Hugging Face dataset once into `data_path` and serves padded batches from it.
 
     Batches are dicts of `input_ids`, `target_ids` (B, T) int64, `loss_mask` (B, T) float32 and
-    `lengths` (B,) int64; see `rwkv_infctx.data.collate`. Every option is described in docs/data.md.
+    `lengths` (B,) int64; see `rwkv_infctx.data.collator`. Every option is described in docs/data.md.
 
     Args:
         source: Hub dataset name; a builder (text, json, csv, parquet, arrow) with source_data_dir or
