@@ -51,3 +51,24 @@ def hf_config_kwargs(cfg: RWKV4Config, context_length: int = 4096) -> dict[str, 
         "bos_token_id": 0,
         "eos_token_id": 0,
     }
+
+
+def hf_config_json(cfg: RWKV4Config, dtype: str) -> dict[str, Any]:
+    """The `config.json` of an HF RWKV model folder (written without importing transformers)."""
+    return {
+        "architectures": ["RwkvForCausalLM"],
+        "model_type": "rwkv",
+        "dtype": dtype,
+        "use_cache": True,
+        **hf_config_kwargs(cfg),
+    }
+
+
+NEOX_TOKENIZER_CONFIG = {
+    "tokenizer_class": "GPTNeoXTokenizer",
+    "bos_token": "<|endoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "add_prefix_space": False,
+    "model_max_length": 1_000_000_000,
+}
