@@ -1,0 +1,91 @@
+"""`rwkv-infctx fit|validate|test`: LightningCLI over `RWKVModule` and `RWKVDataModule`.
+
+Everything a run depends on is in the YAML (`-c config.yaml`) and command-line overrides
+(`--model.ctx_len 1024`, `--trainer.max_steps 100`); `--print_config` shows the merged result.
+`-c pkg://demo.yaml` names a config bundled with the package (the demo).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from importlib import resources
+from pathlib import Path
+
+from rwkv_infctx.errors import UserError
+
+CSV_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+CONFIG_FLAGS = ("-c", "--config")
+
+
+def bundled_config(name: str) -> Path:
+    """Path of a config shipped in `rwkv_infctx/configs` (`pkg://NAME.yaml` on the command line)."""
+    path = Path(str(resources.files("rwkv_infctx") / "configs" / name))
+    if not path.is_file():
+        available = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        raise UserError(f"config pkg://{name}: not bundled (available: {', '.join(available) or 'none'})")
+    return path
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    """Replace `pkg://NAME` config values by the bundled file's path; refuse missing config files."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg in CONFIG_FLAGS:
+            value = out[i + 1]
+            if value.startswith("pkg://"):
+                out[i + 1] = str(bundled_config(value.removeprefix("pkg://")))
+            elif not value.lstrip().startswith(("{", "[")) and not Path(value).is_file():
+                raise UserError(f"config {value}: file not found")
+    return out
+
+
+def make_cli(argv: list[str], run: bool = True):
+    """The LightningCLI object for `argv` (subcommand first when run=True)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from rwkv_infctx.data import RWKVDataModule
+    from rwkv_infctx.training.module import RWKVModule
+
+    return LightningCLI(
+        RWKVModule,
+        RWKVDataModule,
+        args=argv,
+        run=run,
+        trainer_defaults={"logger": CSV_LOGGER},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False} if not run else {"fit": {"exit_on_error": False},
+                       "validate": {"exit_on_error": False}, "test": {"exit_on_error": False}},  # fmt: skip
+        seed_everything_default=True,
+        # hparams are the init arguments only (RWKVModule.load_from_checkpoint works without extras)
+        load_from_checkpoint_support=False,
+    )
+
+
+def run_lightning_cli(argv: list[str]) -> int:
+    """Run `fit`, `validate` or `test`; returns the exit code. Bad input raises UserError."""
+    argv = _resolve_config_args(argv)
+    try:
+        with warnings.catch_warnings():
+            # we pass args= on purpose (the dispatcher already consumed sys.argv)
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+            make_cli(argv)
+    except SystemExit as e:  # --help, --print_config
+        return int(e.code or 0) if isinstance(e.code, int) else 0
+    except Exception as e:
+        if type(e).__name__ == "ArgumentError":
+            raise UserError(_readable(str(e))) from None
+        raise
+    return 0
+
+
+def _readable(message: str) -> str:
+    """jsonargparse's nested error text as one line: its last, most specific clause."""
+    lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")]
+    specific = [line for line in lines if "not accept nested key" in line or "Key " in line]
+    text = specific[-1] if specific else (lines[-1] if lines else message)
+    return f"config: {text}" if not text.startswith("config") else text
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_lightning_cli(sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""`RWKVModule`: the thin LightningModule. The long-context work is in `segments`, the optimizer in
+`optim`, the network in `rwkv_infctx.model`; this class only wires them into Lightning's hooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from rwkv_infctx.errors import UserError
+from rwkv_infctx.io.model_file import save_model
+from rwkv_infctx.training.build import build_model
+from rwkv_infctx.training.callbacks import StepMetrics
+from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
+from rwkv_infctx.training.segments import BpttMode, StepReport, bptt_step, check_token_ids, evaluate_loss
+
+
+class RWKVModule(pl.LightningModule):
+    """An RWKV language model trained on samples of any length with segmented BPTT.
+
+    Args:
+        load_model: RWKV-LM model file (.pth/.safetensors) to start from; null builds a new model
+            from n_layer/n_embd/vocab_size with RWKV-LM's initialisation.
+        ctx_len: Tokens per segment: the unit of compute and memory; samples may be any length.
+        ctx_len_cutoff: Slice longer samples into pieces of this many tokens, learnt as separate
+            samples (no state, no gradient between pieces). Null: no cutoff.
+        n_layer: Number of blocks (read from load_model; checked against it when given).
+        n_embd: Model width (read from load_model; checked when given).
+        vocab_size: Vocabulary size, or "neox" (50277) / "world" (65536) (read from load_model; checked).
+        dim_att: Time-mix width (default n_embd; read from load_model; checked when given).
+        dim_ffn: Channel-mix hidden width (default 4 × n_embd; read from load_model; checked when given).
+        lr_init: Learning rate after warmup.
+        lr_final: Learning rate reached at the end of training (trainer.max_steps or max_epochs).
+        warmup_steps: Optimizer steps of linear warmup from 0 to lr_init.
+        lr_decay: Shape of the decay from lr_init to lr_final: cosine, linear or exponential.
+        beta1: Adam beta1.
+        beta2: Adam beta2.
+        adam_eps: Adam epsilon.
+        weight_decay: Weight decay on matrices (embedding, head, linear weights) only.
+        layerwise_lr: time_decay learns at 2× and time_first at 3× the learning rate.
+        optimizer: adamw, adam, or sgd (plain SGD without momentum, for exactness checks).
+        bptt: full (exact gradients across segments) or truncated (state detached at each boundary).
+        grad_cp: Recompute each block's activations in backward (less memory per segment, ~30% slower).
+        dropout: Dropout after each time-mix and channel-mix (0 disables it).
+        seed: Seed of the initialisation of a new model.
+        wkv_backend: WKV kernel: auto (fastest for the device) or reference.
+        export: Path of the RWKV-LM .pth written at the end of fit (null: none).
+        export_dtype: dtype of that file: bf16 or fp32.
+    """
+
+    def __init__(
+        self,
+        load_model: str | None = None,
+        ctx_len: int = 512,
+        ctx_len_cutoff: int | None = None,
+        n_layer: int | None = None,
+        n_embd: int | None = None,
+        vocab_size: int | str | None = None,
+        dim_att: int | None = None,
+        dim_ffn: int | None = None,
+        lr_init: float = 6e-4,
+        lr_final: float = 1e-5,
+        warmup_steps: int = 0,
+        lr_decay: DecayName = "cosine",
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        adam_eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        layerwise_lr: bool = True,
+        optimizer: OptimizerName = "adamw",
+        bptt: BpttMode = "full",
+        grad_cp: bool = False,
+        dropout: float = 0.0,
+        seed: int = 0,
+        wkv_backend: str = "auto",
+        export: str | None = None,
+        export_dtype: Literal["bf16", "fp32"] = "bf16",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if ctx_len <= 0:
+            raise UserError(f"model.ctx_len: {ctx_len} (expected a positive number of tokens)")
+        if ctx_len_cutoff is not None and ctx_len_cutoff <= 0:
+            raise UserError(f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)")
+        self.optim = OptimConfig(optimizer, lr_init, lr_final, warmup_steps, lr_decay, beta1, beta2, adam_eps,
+                                 weight_decay, layerwise_lr)  # fmt: skip
+        dims = {"n_layer": n_layer, "n_embd": n_embd, "vocab_size": vocab_size, "dim_att": dim_att, "dim_ffn": dim_ffn}
+        self.model = build_model(load_model, dims, dropout=dropout, seed=seed, wkv_backend=wkv_backend)
+        self.last_report: StepReport | None = None
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Returns bptt_step's proxy (value 0); the real loss is logged by StepMetrics after backward."""
+        check_token_ids(batch, self.model.cfg.vocab_size)
+        hp = self.hparams
+        proxy, self.last_report = bptt_step(self.model, batch, hp.ctx_len, hp.ctx_len_cutoff, hp.bptt, hp.grad_cp)
+        return proxy
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._log_eval("val_loss", batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._log_eval("test_loss", batch)
+
+    def _log_eval(self, name: str, batch: dict[str, Tensor]) -> None:
+        check_token_ids(batch, self.model.cfg.vocab_size)
+        report = evaluate_loss(self.model, batch, self.hparams.ctx_len, self.hparams.ctx_len_cutoff)
+        # batch_size = tokens: the epoch mean is weighted by tokens, like the training loss
+        self.log(name, report.loss, prog_bar=True, batch_size=max(int(report.n_tokens), 1), sync_dist=True)
+
+    def configure_optimizers(self):
+        optimizer = make_optimizer(self.model, self.optim)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        scheduler = make_scheduler(optimizer, self.optim, float(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self):
+        return [StepMetrics()]
+
+    def on_fit_start(self) -> None:
+        """Refuse data whose token ids do not fit the model, before the first step."""
+        check = getattr(self.trainer.datamodule, "check_vocab_size", None)
+        if check is not None:
+            check(self.model.cfg.vocab_size)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export and self.trainer.is_global_zero:
+            path = Path(self.hparams.export)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_model(self.model, path, self.hparams.export_dtype)
+            rank_zero_info(f"exported the final model to {path} ({self.hparams.export_dtype})")
