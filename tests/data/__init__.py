@@ -1,0 +1,1 @@
+"""Tests of the data pipeline: sources, tokenization, masks, rechunk, reuse, bad input, batches."""
