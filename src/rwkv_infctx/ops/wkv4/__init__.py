@@ -1,17 +1,20 @@
 """WKV-4 with state: the dispatch point between the PyTorch reference and fast kernels.
 
 `wkv4(time_decay, time_first, k, v, state, backend=...)` returns `(y, new_state)`.
-Backends: "reference" (plain PyTorch, the definition) and "auto" (the fastest available for the
-tensors' device; today that is the reference everywhere).
+Backends: "reference" (plain PyTorch, the definition), "triton" (the chunked Triton kernels of
+`triton_kernel.py`; on a machine without CUDA they run under Triton's CPU interpreter, for tests) and
+"auto": CUDA tensors in fp32/bf16/fp16 go to the Triton kernels when triton imports, everything else
+to the reference. Triton is imported lazily, never at package import.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rwkv_infctx.ops.wkv4.reference import FRESH_MAX, WKV4State, fresh_wkv4_state, wkv4_reference
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 __all__ = ["BACKENDS", "FRESH_MAX", "WKV4State", "fresh_wkv4_state", "wkv4", "wkv4_reference"]
 
@@ -27,4 +30,29 @@ def wkv4(
     """Run WKV-4 over (B, T, C) keys and values from `state`; see `reference.py` for the definition."""
     if backend not in BACKENDS:
         raise ValueError(f"wkv backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "triton" or (
+        backend == "auto" and k.is_cuda and k.dtype in _TRITON_DTYPES and _triton_importable()
+    ):
+        from rwkv_infctx.ops.wkv4.triton_kernel import wkv4_triton
+
+        return wkv4_triton(time_decay, time_first, k, v, state)
     return wkv4_reference(time_decay, time_first, k, v, state)
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+_triton_ok: bool | None = None
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break at dispatch
+def _triton_importable() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_ok = True
+        except Exception:  # not installed, or broken (no driver): the reference still works
+            _triton_ok = False
+    return _triton_ok
