@@ -98,7 +98,12 @@ class Encoder:
 
     def _pieces(self, table: pa.Table) -> tuple[list[str], list[int], list[int]]:
         """The non-empty texts to tokenize, in order, with the row and mask of each."""
-        values = [table.column(c.name).to_pylist() for c in self.columns]
+        try:
+            values = [table.column(c.name).to_pylist() for c in self.columns]
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"data: a source column holds invalid UTF-8 ({e.reason}); re-encode the source"
+            ) from None
         pieces: list[str] = []
         rows: list[int] = []
         masks: list[int] = []

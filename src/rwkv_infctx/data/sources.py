@@ -6,7 +6,8 @@ extensions; a folder written by `save_to_disk` is loaded as is), or `pkg://NAME`
 in `rwkv_infctx/assets`. Local sources never touch the network.
 
 Text files are read as one document per file (`sample_by: document`) unless `source_dataset_params`
-says otherwise. Invalid UTF-8 is refused with the file and byte offset; `encoding_errors: replace` in
+says otherwise. Local text, JSON and CSV files must be valid UTF-8: a bad file is refused with its
+name and byte offset before anything is built. For text and CSV, `encoding_errors: replace` in
 `source_dataset_params` opts into replacement characters instead.
 """
 
@@ -221,6 +222,7 @@ def load_source(source: Source, config: DataConfig, cache_dir: str | None) -> da
         params = {"sample_by": "document", **params}
     if source.builder == "csv" and any(f.endswith(".tsv") for fs in source.files.values() for f in fs):
         params = {"sep": "\t", **params}
+    _check_utf8(source, params)
     if config.source_split not in source.files:
         raise UserError(
             f"data.source_split: {config.source_split!r} not in data.data_files "
@@ -260,19 +262,31 @@ def _innermost(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def _read_error(source: Source, error: Exception) -> UserError:
-    files = [f for fs in source.files.values() for f in fs]
-    for path in files:
+def _check_utf8(source: Source, params: dict[str, Any]) -> None:
+    """Refuse local text, JSON and CSV files that are not valid UTF-8, naming the file and byte.
+
+    The text and CSV readers honour `encoding_errors` (e.g. `replace`), so setting it skips the check;
+    the JSON reader ignores it, so JSON files are always checked.
+    """
+    if source.builder not in ("text", "json", "csv") or params.get("encoding", "utf-8") != "utf-8":
+        return
+    if source.builder != "json" and params.get("encoding_errors") not in (None, "strict"):
+        return
+    for path in (f for fs in source.files.values() for f in fs):
         offset = first_invalid_utf8(Path(path))
         if offset is not None:
-            hint = "re-encode it"
-            if source.builder in ("text", "json", "csv"):
-                hint += " or set data.source_dataset_params: {encoding_errors: replace}"
-            return UserError(f"data file {path}: invalid UTF-8 at byte {offset} (expected UTF-8; {hint})")
+            hint = "re-encode it as UTF-8"
+            if source.builder != "json":
+                hint += ", or set data.source_dataset_params: {encoding_errors: replace}"
+            raise UserError(f"data file {path}: invalid UTF-8 at byte {offset} ({hint})")
+
+
+def _read_error(source: Source, error: Exception) -> UserError:
+    files = [f for fs in source.files.values() for f in fs]
     return UserError(f"data.source {source.name}: could not read {files[0]} ... ({_innermost(error)})")
 
 
-def first_invalid_utf8(path: Path, chunk: int = 1 << 20) -> int | None:
+def first_invalid_utf8(path: Path, chunk: int = 1 << 23) -> int | None:
     """Byte offset of the first invalid UTF-8 sequence in a plain (uncompressed) file, or None."""
     if path.suffix in COMPRESSION or builder_for(path) in ("parquet", "arrow"):
         return None
