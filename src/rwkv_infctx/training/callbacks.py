@@ -45,8 +45,12 @@ class StepMetrics(pl.Callback):
         log("tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True, batch_size=1)
         log("segments", float(report.n_segments), batch_size=1)
         log("peak_mem_mb", peak_memory_mb(pl_module.device), batch_size=1)
-        log("lr", trainer.optimizers[0].param_groups[0]["lr"] / trainer.optimizers[0].param_groups[0].get(
-            "lr_scale", 1.0), batch_size=1)  # fmt: skip
+        log(
+            "lr",
+            trainer.optimizers[0].param_groups[0]["lr"]
+            / trainer.optimizers[0].param_groups[0].get("lr_scale", 1.0),
+            batch_size=1,
+        )
 
 
 class GenerateSample(pl.Callback):
@@ -61,10 +65,20 @@ class GenerateSample(pl.Callback):
     """
 
     def __init__(
-        self, prompt: str = "\n", max_tokens: int = 200, temperature: float = 1.0, top_p: float = 0.85, seed: int = 0
+        self,
+        prompt: str = "\n",
+        max_tokens: int = 200,
+        temperature: float = 1.0,
+        top_p: float = 0.85,
+        seed: int = 0,
     ) -> None:
         self.prompt, self.max_tokens, self.temperature, self.top_p, self.seed = (
-            prompt, max_tokens, temperature, top_p, seed)  # fmt: skip
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+        )
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -77,7 +91,15 @@ class GenerateSample(pl.Callback):
         pl_module.model.eval()
         print(f"\n--- sample ({self.max_tokens} tokens, temperature {self.temperature}) ---", file=sys.stderr)
         print(self.prompt, end="", flush=True)
-        generate_text(pl_module.model, tokenizer, self.prompt, self.max_tokens, self.temperature, self.top_p,
-                      self.seed, on_text=lambda s: print(s, end="", flush=True))  # fmt: skip
+        generate_text(
+            pl_module.model,
+            tokenizer,
+            self.prompt,
+            self.max_tokens,
+            self.temperature,
+            self.top_p,
+            self.seed,
+            on_text=lambda s: print(s, end="", flush=True),
+        )
         print(flush=True)
         pl_module.model.train(was_training)

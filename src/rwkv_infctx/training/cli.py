@@ -7,6 +7,7 @@ Everything a run depends on is in the YAML (`-c config.yaml`) and command-line o
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from importlib import resources
@@ -16,6 +17,7 @@ from rwkv_infctx.errors import UserError
 
 CSV_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
 CONFIG_FLAGS = ("-c", "--config")
+SUBCOMMANDS = ("fit", "validate", "test")
 
 
 def bundled_config(name: str) -> Path:
@@ -40,8 +42,8 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
-def make_cli(argv: list[str], run: bool = True):
-    """The LightningCLI object for `argv` (subcommand first when run=True)."""
+def make_cli(argv: list[str]):
+    """Build and run the LightningCLI for `argv` (the subcommand first); returns it."""
     from lightning.pytorch.cli import LightningCLI
 
     from rwkv_infctx.data import RWKVDataModule
@@ -51,11 +53,9 @@ def make_cli(argv: list[str], run: bool = True):
         RWKVModule,
         RWKVDataModule,
         args=argv,
-        run=run,
         trainer_defaults={"logger": CSV_LOGGER},
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False} if not run else {"fit": {"exit_on_error": False},
-                       "validate": {"exit_on_error": False}, "test": {"exit_on_error": False}},  # fmt: skip
+        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
         seed_everything_default=True,
         # hparams are the init arguments only (RWKVModule.load_from_checkpoint works without extras)
         load_from_checkpoint_support=False,
@@ -68,7 +68,7 @@ def run_lightning_cli(argv: list[str]) -> int:
     try:
         with warnings.catch_warnings():
             # we pass args= on purpose (the dispatcher already consumed sys.argv)
-            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within")
             make_cli(argv)
     except SystemExit as e:  # --help, --print_config
         return int(e.code or 0) if isinstance(e.code, int) else 0
@@ -80,11 +80,12 @@ def run_lightning_cli(argv: list[str]) -> int:
 
 
 def _readable(message: str) -> str:
-    """jsonargparse's nested error text as one line: its last, most specific clause."""
+    """jsonargparse's (possibly nested, multi-line) error text as one line naming the key."""
     lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")]
-    specific = [line for line in lines if "not accept nested key" in line or "Key " in line]
-    text = specific[-1] if specific else (lines[-1] if lines else message)
-    return f"config: {text}" if not text.startswith("config") else text
+    key = next((m.group(1) for line in lines if (m := re.match(r'Parser key "([^"]+)"', line))), None)
+    detail = lines[-1] if lines else message
+    detail = detail.replace("<class 'int'>", "int").replace("<class 'float'>", "float").replace("typing.", "")
+    return f"{key}: {detail}" if key else f"config: {detail}"
 
 
 if __name__ == "__main__":  # pragma: no cover

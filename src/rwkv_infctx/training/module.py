@@ -84,10 +84,28 @@ class RWKVModule(pl.LightningModule):
         if ctx_len <= 0:
             raise UserError(f"model.ctx_len: {ctx_len} (expected a positive number of tokens)")
         if ctx_len_cutoff is not None and ctx_len_cutoff <= 0:
-            raise UserError(f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)")
-        self.optim = OptimConfig(optimizer, lr_init, lr_final, warmup_steps, lr_decay, beta1, beta2, adam_eps,
-                                 weight_decay, layerwise_lr)  # fmt: skip
-        dims = {"n_layer": n_layer, "n_embd": n_embd, "vocab_size": vocab_size, "dim_att": dim_att, "dim_ffn": dim_ffn}
+            raise UserError(
+                f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)"
+            )
+        self.optim = OptimConfig(
+            optimizer,
+            lr_init,
+            lr_final,
+            warmup_steps,
+            lr_decay,
+            beta1,
+            beta2,
+            adam_eps,
+            weight_decay,
+            layerwise_lr,
+        )
+        dims = {
+            "n_layer": n_layer,
+            "n_embd": n_embd,
+            "vocab_size": vocab_size,
+            "dim_att": dim_att,
+            "dim_ffn": dim_ffn,
+        }
         self.model = build_model(load_model, dims, dropout=dropout, seed=seed, wkv_backend=wkv_backend)
         self.last_report: StepReport | None = None
 
@@ -95,7 +113,9 @@ class RWKVModule(pl.LightningModule):
         """Returns bptt_step's proxy (value 0); the real loss is logged by StepMetrics after backward."""
         check_token_ids(batch, self.model.cfg.vocab_size)
         hp = self.hparams
-        proxy, self.last_report = bptt_step(self.model, batch, hp.ctx_len, hp.ctx_len_cutoff, hp.bptt, hp.grad_cp)
+        proxy, self.last_report = bptt_step(
+            self.model, batch, hp.ctx_len, hp.ctx_len_cutoff, hp.bptt, hp.grad_cp
+        )
         return proxy
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -119,8 +139,8 @@ class RWKVModule(pl.LightningModule):
     def configure_callbacks(self):
         return [StepMetrics()]
 
-    def on_fit_start(self) -> None:
-        """Refuse data whose token ids do not fit the model, before the first step."""
+    def setup(self, stage: str) -> None:
+        """Refuse data whose token ids do not fit the model, before anything else runs."""
         check = getattr(self.trainer.datamodule, "check_vocab_size", None)
         if check is not None:
             check(self.model.cfg.vocab_size)

@@ -101,4 +101,6 @@ def make_scheduler(
     """A per-step LambdaLR applying `lr_at` to every group (each keeps its layerwise scale)."""
     if cfg.lr_init == 0:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr_init)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, cfg, total_steps) / cfg.lr_init
+    )

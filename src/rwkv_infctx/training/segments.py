@@ -63,7 +63,9 @@ def plan_segments(
     if ctx_len <= 0:
         raise UserError(f"model.ctx_len: {ctx_len} (expected a positive number of tokens)")
     if ctx_len_cutoff is not None and ctx_len_cutoff <= 0:
-        raise UserError(f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)")
+        raise UserError(
+            f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)"
+        )
     if bptt not in BPTT_MODES:
         raise UserError(f"model.bptt: {bptt!r} (expected one of {', '.join(BPTT_MODES)})")
     piece = ctx_len_cutoff or max(length, 1)
@@ -71,7 +73,9 @@ def plan_segments(
     segments = []
     for p0 in range(0, length, piece):
         p1 = min(p0 + piece, length)
-        segments += [Segment(s, min(s + ctx_len, p1), "fresh" if s == p0 else inner) for s in range(p0, p1, ctx_len)]
+        segments += [
+            Segment(s, min(s + ctx_len, p1), "fresh" if s == p0 else inner) for s in range(p0, p1, ctx_len)
+        ]
     return segments
 
 
@@ -241,7 +245,8 @@ class _SegmentedRun:
             state_grad = tuple(got[len(self.params) :]) if wants_state_grad else None
         self.report.ce_sum = ce_total
         return [
-            torch.zeros_like(p) if g is None else g.to(p.dtype) for p, g in zip(self.params, grads, strict=True)
+            torch.zeros_like(p) if g is None else g.to(p.dtype)
+            for p, g in zip(self.params, grads, strict=True)
         ]
 
     def _segment_graph(
@@ -293,7 +298,9 @@ def _drop_idle_tails(segments: list[Segment], mask: Tensor) -> tuple[list[Segmen
         tail_idle = counts[i] == 0 and tail_idle
         if segments[i].entry == "fresh":
             tail_idle = True
-    return [s for s, k in zip(segments, keep, strict=True) if k], [c for c, k in zip(counts, keep, strict=True) if k]
+    return [s for s, k in zip(segments, keep, strict=True) if k], [
+        c for c, k in zip(counts, keep, strict=True) if k
+    ]
 
 
 def _capture_rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -312,8 +319,9 @@ def checkpoint_blocks(model: nn.Module) -> Iterator[None]:
     """grad_cp: inside the context each of `model.blocks` recomputes its activations in backward."""
     blocks = list(getattr(model, "blocks", []))
     for block in blocks:
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block),
-                                          use_reentrant=False)  # fmt: skip
+        block.forward = functools.partial(
+            torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block), use_reentrant=False
+        )
     try:
         yield
     finally:
