@@ -216,10 +216,20 @@ def wkv4_bwd_scan(
     gloc_ptr,
     gaaT_ptr,
     gbbT_ptr,
+    gppT_ptr,
+    aaT_ptr,
+    bbT_ptr,
     ppT_ptr,
+    idxT_ptr,
+    aa0_ptr,
+    bb0_ptr,
+    pp0_ptr,
     td_ptr,
     gout_ptr,
-    g0_ptr,
+    gmax_ptr,
+    gaa0_ptr,
+    gbb0_ptr,
+    gpp0_ptr,
     B,
     T,
     C,
@@ -227,7 +237,10 @@ def wkv4_bwd_scan(
     L: tl.constexpr,
     BC: tl.constexpr,
 ):
-    """Backward pass 2: sequential over chunks from the last; the adjoint after each chunk's last step."""
+    """Backward pass 2: sequential over chunks from the last; the adjoint after each chunk's last step,
+    the gradient of the incoming state, and g_max: the part of the pp_T gradient that does not flow
+    through A_T = aa_T e^{pp_T}, B_T = bb_T e^{pp_T}; it goes to the arg-max of
+    pp_T = max(pp_0 + T w, max_s k_s + (T-1-s) w)."""
     b = tl.program_id(1).to(tl.int64)
     cs = tl.program_id(0) * BC + tl.arange(0, BC)
     cm = cs < C
@@ -237,6 +250,9 @@ def wkv4_bwd_scan(
     ga = tl.load(gaaT_ptr + so, mask=cm, other=0.0)
     gb = tl.load(gbbT_ptr + so, mask=cm, other=0.0)
     q = -tl.load(ppT_ptr + so, mask=cm, other=0.0)
+    gmax = tl.load(gppT_ptr + so, mask=cm, other=0.0)
+    gmax -= ga * tl.load(aaT_ptr + so, mask=cm, other=0.0) + gb * tl.load(bbT_ptr + so, mask=cm, other=0.0)
+    tl.store(gmax_ptr + so, gmax, mask=cm)
     plane = B * NC * C
     ic = NC - 1
     while ic >= 0:
@@ -256,9 +272,16 @@ def wkv4_bwd_scan(
         gb = e1 * gb + e2 * lb
         q = qn
         ic -= 1
-    tl.store(g0_ptr + so, ga, mask=cm)
-    tl.store(g0_ptr + B * C + so, gb, mask=cm)
-    tl.store(g0_ptr + 2 * B * C + so, q, mask=cm)
+    # (ga, gb, q) is now the true-scale adjoint of the incoming state; to the log-stable (aa, bb, pp):
+    aa0 = tl.load(aa0_ptr + so, mask=cm, other=0.0)
+    bb0 = tl.load(bb0_ptr + so, mask=cm, other=0.0)
+    scale = tl.exp(q + tl.load(pp0_ptr + so, mask=cm, other=0.0))
+    gaa0 = ga * scale
+    gbb0 = gb * scale
+    at_init = tl.load(idxT_ptr + so, mask=cm, other=0) < 0
+    tl.store(gaa0_ptr + so, gaa0, mask=cm)
+    tl.store(gbb0_ptr + so, gbb0, mask=cm)
+    tl.store(gpp0_ptr + so, gaa0 * aa0 + gbb0 * bb0 + tl.where(at_init, gmax, 0.0), mask=cm)
 
 
 @triton.jit
@@ -275,8 +298,7 @@ def wkv4_bwd_out(
     gmax_ptr,
     gk_ptr,
     gv_ptr,
-    gwp_ptr,
-    gup_ptr,
+    gpart_ptr,
     B,
     T,
     C,
@@ -284,7 +306,8 @@ def wkv4_bwd_out(
     L: tl.constexpr,
     BC: tl.constexpr,
 ):
-    """Backward pass 3: each chunk backwards from the adjoint after it; gk, gv and partial gw, gu."""
+    """Backward pass 3: each chunk backwards from the adjoint after it; gk, gv, and per-chunk partial
+    sums of the time_decay and time_first gradients (gpart: (2, B, NC, C))."""
     ic = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     cs = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -332,5 +355,8 @@ def wkv4_bwd_out(
         ga = tl.where(ok, e1 * ga + e2, ga)
         gb = tl.where(ok, e1 * gb - e2 * yt, gb)
         q = tl.where(ok, qn, q)
-    tl.store(gwp_ptr + co, gw, mask=cm)
-    tl.store(gup_ptr + co, gu, mask=cm)
+    # the running-max route adds one w per decay step from the arg-max to the end
+    steps = tl.where(sidx < 0, T, T - 1 - sidx).to(tl.float32)
+    gw += tl.where(ic == 0, gmax * steps, 0.0)
+    tl.store(gpart_ptr + co, gw * w, mask=cm)  # d/d time_decay = d/dw * w
+    tl.store(gpart_ptr + plane + co, gu, mask=cm)

@@ -161,36 +161,27 @@ def wkv4_bwd(
     tf = time_first.float().contiguous()
     gy = gy.contiguous()
     gaaT, gbbT, gppT = (g.float().contiguous() for g in (gaaT, gbbT, gppT))
+    aa0, bb0, pp0 = (s.float().contiguous() for s in (aa0, bb0, pp0))
     L = chunk
     NC = -(-T // L)
     bc, bcs, nw = _blocks(C, dev)
     grid = (NC, -(-C // bc), B)
-    # the part of the pp_T gradient that does not flow through A_T = aa_T e^{pp_T}, B_T = bb_T e^{pp_T};
-    # it goes to the arg-max of pp_T = max(pp_0 + T w, max_s k_s + (T-1-s) w)
-    g_max = (gppT - gaaT * aaT - gbbT * bbT).contiguous()
     gloc = torch.empty(3, B, NC, C, device=dev, dtype=f32)
     gout = torch.empty(3, B, NC, C, device=dev, dtype=f32)
-    g0 = torch.empty(3, B, C, device=dev, dtype=f32)
+    gmax, gaa0, gbb0, gpp0 = (torch.empty(B, C, device=dev, dtype=f32) for _ in range(4))
     gk = torch.empty_like(k)
     gv = torch.empty_like(v)
-    gwp = torch.empty(B, NC, C, device=dev, dtype=f32)
-    gup = torch.empty(B, NC, C, device=dev, dtype=f32)
+    gpart = torch.empty(2, B, NC, C, device=dev, dtype=f32)
     kern.wkv4_bwd_local[grid](y, gy, logden, td, gloc, B, T, C, NC, L, BC=bc, num_warps=nw)
     kern.wkv4_bwd_scan[(-(-C // bcs), B)](
-        gloc, gaaT, gbbT, ppT, td, gout, g0, B, T, C, NC, L, BC=bcs, num_warps=1
-    )
+        gloc, gaaT, gbbT, gppT, aaT, bbT, ppT, idxT, aa0, bb0, pp0, td, gout, gmax, gaa0, gbb0, gpp0,
+        B, T, C, NC, L, BC=bcs, num_warps=1,
+    )  # fmt: skip
     kern.wkv4_bwd_out[grid](
-        k, v, y, gy, logden, td, tf, gout, idxT, g_max, gk, gv, gwp, gup, B, T, C, NC, L, BC=bc, num_warps=nw
+        k, v, y, gy, logden, td, tf, gout, idxT, gmax, gk, gv, gpart, B, T, C, NC, L, BC=bc, num_warps=nw
     )
-    w = -torch.exp(td)
-    at_init = idxT < 0
-    steps = torch.where(at_init, T, T - 1 - idxT).to(f32)  # decay steps from the arg-max to the end
-    gw = gwp.sum(1) + g_max * steps
-    scale = torch.exp(g0[2] + pp0)  # gA_0 e^{pp_0}: true-scale adjoint to the log-stable state
-    gaa0, gbb0 = g0[0] * scale, g0[1] * scale
-    gpp0 = gaa0 * aa0 + gbb0 * bb0 + torch.where(at_init, g_max, 0.0)
-    g_decay = (gw * w).sum(0).to(time_decay.dtype)
-    g_first = gup.sum((0, 1)).to(time_first.dtype)
+    sums = gpart.sum((1, 2))  # outputs of a custom op must not alias each other: copy the rows
+    g_decay, g_first = sums[0].to(time_decay.dtype, copy=True), sums[1].to(time_first.dtype, copy=True)
     return g_decay, g_first, gk, gv, gaa0, gbb0, gpp0
 
 
