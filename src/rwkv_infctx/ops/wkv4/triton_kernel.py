@@ -27,6 +27,8 @@ from rwkv_infctx.ops.wkv4.reference import WKV4Reference, WKV4State
 
 CHUNK_ENV = "RWKV_WKV4_CHUNK"
 """Environment override for the chunk length L (a positive int), for tuning on a GPU."""
+BLOCK_ENV = "RWKV_WKV4_BLOCK"
+"""Environment override for the channels per program of the in-chunk kernels on CUDA (32, 64, 128...)."""
 
 _kernels_module = None
 
@@ -60,7 +62,8 @@ def _blocks(C: int, device: torch.device) -> tuple[int, int, int]:
     if device.type != "cuda":  # the interpreter: big blocks mean fewer (slow) program instances
         bc = min(128, triton_next_pow2(C))
         return bc, bc, 1
-    bc = 128 if C >= 1024 else 64 if C >= 64 else 32
+    env = os.environ.get(BLOCK_ENV)
+    bc = int(env) if env else 128 if C >= 1024 else 64 if C >= 64 else 32
     return bc, 32, max(1, bc // 32)
 
 
