@@ -54,6 +54,7 @@ def make_cli(argv: list[str]):
         RWKVDataModule,
         args=argv,
         trainer_defaults={"logger": CSV_LOGGER},
+        auto_configure_optimizers=False,  # model.optimizer & co. configure it
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
         seed_everything_default=True,
