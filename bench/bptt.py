@@ -1,0 +1,216 @@
+"""Segmented BPTT benchmarks: exactness, peak memory against length, and throughput.
+
+    python bench/bptt.py exactness                 # gradient error vs unsegmented, fp32 and fp64
+    python bench/bptt.py memory                    # peak RSS of one step at 4k/16k/64k tokens
+    python bench/bptt.py throughput                # tokens/s: full vs unsegmented, 64k vs 4k
+
+`memory` and `throughput` run every measurement in a fresh child process whose environment tames
+glibc's allocator (MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0; see
+shared/NOTES-segments.md item 4), so peak RSS reflects live memory. Modes:
+    full         segmented, exact BPTT (bptt_step, bptt="full")
+    truncated    segmented, state detached at each boundary (bptt_step, bptt="truncated")
+    unsegmented  ordinary autograd over the whole sample (model(tokens) → loss → backward)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from rwkv_infctx.model import RWKV4, RWKV4Config
+from rwkv_infctx.model.init import init_weights
+from rwkv_infctx.training.loss import objective, segment_terms, token_count
+from rwkv_infctx.training.segments import bptt_step
+
+TAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
+
+
+def make_model(args, dtype=torch.float32, seed: int = 0) -> RWKV4:
+    cfg = RWKV4Config(args.n_layer, args.n_embd, args.vocab_size, wkv_backend=args.wkv_backend)
+    model = init_weights(RWKV4(cfg), seed=seed)
+    with torch.no_grad():  # init zeroes several matrices; random weights exercise every gradient path
+        gen = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.to(dtype)
+
+
+def make_batch(lengths: list[int], vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(0, vocab, (len(lengths), T + 1), generator=gen)
+    mask = torch.zeros(len(lengths), T)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    return {"input_ids": ids[:, :-1], "target_ids": ids[:, 1:], "loss_mask": mask}
+
+
+def unsegmented_step(model: RWKV4, batch) -> float:
+    logits, _ = model(batch["input_ids"])
+    ce, l2 = segment_terms(logits, batch["target_ids"], batch["loss_mask"])
+    loss = objective(ce, l2, token_count(batch["loss_mask"]))
+    loss.backward()
+    return float(ce.detach()) / float(token_count(batch["loss_mask"]))
+
+
+def train_step(model: RWKV4, batch, mode: str, ctx_len: int) -> float:
+    if mode == "unsegmented":
+        return unsegmented_step(model, batch)
+    proxy, report = bptt_step(model, batch, ctx_len, bptt=mode)
+    proxy.backward()
+    return report.loss
+
+
+def grads(model: RWKV4) -> torch.Tensor:
+    out = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+# ---- exactness -------------------------------------------------------------------------------
+def cmd_exactness(args) -> None:
+    T = args.tokens
+    print(f"model L{args.n_layer} C{args.n_embd} V{args.vocab_size}; rows of {T} and {T - T // 3} tokens")
+    print(f"{'dtype':8} {'ctx_len':>8} {'segments':>8}  {'bptt':10} {'max rel. grad error':>20}  goal")
+    for dtype, goal in ((torch.float32, 1e-6), (torch.float64, 1e-10)):
+        model = make_model(args, dtype)
+        batch = make_batch([T, T - T // 3], args.vocab_size)
+        unsegmented_step(model, batch)
+        ref = grads(model)
+        for ctx_len, mode in ((T, "full"), (T // 4, "full"), (round(T / 7), "full"), (T // 4, "truncated")):
+            train_step(model, batch, mode, ctx_len)
+            err = float((grads(model) - ref).abs().max() / ref.abs().max())
+            verdict = (
+                ("ok" if err <= goal else "FAIL") if mode == "full" else ("differs" if err > 1e-3 else "?")
+            )
+            name = str(dtype).removeprefix("torch.")
+            n_seg = -(-T // ctx_len)
+            print(f"{name:8} {ctx_len:>8} {n_seg:>8}  {mode:10} {err:>20.3e}  ≤{goal:.0e} {verdict}")
+
+
+# ---- one measured step in this process (the child of memory/throughput) ----------------------
+def cmd_step(args) -> None:
+    torch.set_num_threads(args.threads)
+    model = make_model(args)
+    batch = make_batch([args.tokens], args.vocab_size, seed=1)
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        loss = train_step(model, batch, args.mode, args.ctx_len)
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": rss_mb, "seconds": min(times), "loss": loss}))
+
+
+def run_child(args, mode: str, tokens: int, repeat: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "step",
+        "--mode",
+        mode,
+        "--tokens",
+        str(tokens),
+        "--repeat",
+        str(repeat),
+        "--ctx_len",
+        str(args.ctx_len),
+        "--n_layer",
+        str(args.n_layer),
+        "--n_embd",
+        str(args.n_embd),
+        "--vocab_size",
+        str(args.vocab_size),
+        "--wkv_backend",
+        args.wkv_backend,
+        "--threads",
+        str(args.threads),
+    ]
+    env = {**os.environ, **TAME_MALLOC}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"child failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _header(args) -> None:
+    print(
+        f"model L{args.n_layer} C{args.n_embd} V{args.vocab_size}, wkv_backend={args.wkv_backend}, "
+        f"ctx_len {args.ctx_len}, batch 1, fp32, CPU threads {args.threads}; one fresh process per cell"
+    )
+
+
+def cmd_memory(args) -> None:
+    _header(args)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    print(f"{'mode':12}" + "".join(f"{n:>12,}" for n in lengths) + f"{'ratio':>10}   (peak RSS, MB)")
+    for mode in args.modes.split(","):
+        rss = [run_child(args, mode, n, 1)["peak_rss_mb"] for n in lengths]
+        print(f"{mode:12}" + "".join(f"{r:>12.0f}" for r in rss) + f"{rss[-1] / rss[0]:>10.2f}")
+
+
+def cmd_throughput(args) -> None:
+    _header(args)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rates: dict[str, list[float]] = {}
+    print(
+        f"{'mode':12}"
+        + "".join(f"{n:>12,}" for n in lengths)
+        + f"{'ratio':>10}   (tokens/s, best of {args.repeat})"
+    )
+    for mode in args.modes.split(","):
+        rates[mode] = [n / run_child(args, mode, n, args.repeat)["seconds"] for n in lengths]
+        r = rates[mode]
+        print(f"{mode:12}" + "".join(f"{x:>12.0f}" for x in r) + f"{r[-1] / r[0]:>10.2f}")
+    if "full" in rates and "unsegmented" in rates:
+        ratio = [f / u for f, u in zip(rates["full"], rates["unsegmented"], strict=True)]
+        print(f"{'full/unseg':12}" + "".join(f"{x:>12.2f}" for x in ratio))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    specs = {
+        "exactness": dict(n_layer=2, n_embd=64, vocab_size=1000, tokens=1024),
+        "memory": dict(
+            n_layer=2,
+            n_embd=256,
+            vocab_size=1024,
+            lengths="4096,16384,65536",
+            modes="full,truncated,unsegmented",
+        ),
+        "throughput": dict(
+            n_layer=2,
+            n_embd=256,
+            vocab_size=1024,
+            lengths="4096,65536",
+            modes="full,truncated,unsegmented",
+            repeat=2,
+        ),
+        "step": dict(n_layer=2, n_embd=256, vocab_size=1024, tokens=4096, mode="full", repeat=1),
+    }
+    for name, defaults in specs.items():
+        p = sub.add_parser(name)
+        for key, value in defaults.items():
+            p.add_argument(f"--{key}", type=type(value), default=value)
+        p.add_argument("--ctx_len", type=int, default=512)
+        p.add_argument("--wkv_backend", default="auto")
+        p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    {"exactness": cmd_exactness, "memory": cmd_memory, "throughput": cmd_throughput, "step": cmd_step}[
+        args.cmd
+    ](args)
+
+
+if __name__ == "__main__":
+    main()
