@@ -19,6 +19,7 @@ COMMANDS = {
     "init": "Create a new RWKV-4 model file with RWKV-LM's initialisation.",
     "generate": "Generate text from a model file (the dragon test).",
     "export-hf": "Write a Hugging Face transformers folder (RwkvForCausalLM) from a model file.",
+    "eval-positions": "Mean loss and perplexity by token position for one or more models (table, CSV, PNG).",
     "export": "Turn a Lightning checkpoint from `fit` into an RWKV-LM model file (.pth).",
     "preload": "Tokenize the data: section's source into data.data_path (no training).",
 }
