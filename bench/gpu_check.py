@@ -60,7 +60,6 @@ import torch  # noqa: E402
 from rwkv_infctx.ops.wkv4 import FRESH_MAX, WKV4State  # noqa: E402
 from rwkv_infctx.ops.wkv4.reference import WKV4Reference  # noqa: E402
 from rwkv_infctx.ops.wkv4.triton_kernel import (  # noqa: E402
-    BLOCK_ENV,
     default_chunk,
     wkv4_bwd,
     wkv4_fwd,
@@ -214,39 +213,33 @@ def copy_bandwidth():
 
 def time_shape(B, T, C, chunk, block, reps):
     """(fwd ms, bwd ms, f+b ms, peak extra MiB) for bf16 k, v at one chunk length and block."""
-    if block:
-        os.environ[BLOCK_ENV] = str(block)
-    else:
-        os.environ.pop(BLOCK_ENV, None)
-    try:
-        x = inputs(B, T, C, seed=1)
-        td, tf, k, v, aa, bb, pp = x
-        k, v = k.bfloat16(), v.bfloat16()
-        L = min(chunk, T)
-        gy = torch.randn(B, T, C, device=DEV, dtype=torch.bfloat16)
-        gs = [torch.randn(B, C, device=DEV) for _ in range(3)]
-        y, aaT, bbT, ppT, logden, idxT = wkv4_fwd(td, tf, k, v, aa, bb, pp, L)
-        bwd = functools.partial(
-            wkv4_bwd, td, tf, k, v, y, logden, aa, bb, pp, aaT, bbT, ppT, idxT, gy, *gs, L
-        )
-        f_ms = timer(functools.partial(wkv4_fwd, td, tf, k, v, aa, bb, pp, L), reps)
-        b_ms = timer(bwd, reps)
-        del bwd, y, aaT, bbT, ppT, logden, idxT  # free before the f+b timing
-        leaves = [t.requires_grad_() for t in (td, tf, k, v, aa, bb, pp)]
+    block = int(block or 0)
+    x = inputs(B, T, C, seed=1)
+    td, tf, k, v, aa, bb, pp = x
+    k, v = k.bfloat16(), v.bfloat16()
+    L = min(chunk, T)
+    gy = torch.randn(B, T, C, device=DEV, dtype=torch.bfloat16)
+    gs = [torch.randn(B, C, device=DEV) for _ in range(3)]
+    y, aaT, bbT, ppT, logden, idxT = wkv4_fwd(td, tf, k, v, aa, bb, pp, L, block)
+    bwd = functools.partial(
+        wkv4_bwd, td, tf, k, v, y, logden, aa, bb, pp, aaT, bbT, ppT, idxT, gy, *gs, L, block
+    )
+    f_ms = timer(functools.partial(wkv4_fwd, td, tf, k, v, aa, bb, pp, L, block), reps)
+    b_ms = timer(bwd, reps)
+    del bwd, y, aaT, bbT, ppT, logden, idxT  # free before the f+b timing
+    leaves = [t.requires_grad_() for t in (td, tf, k, v, aa, bb, pp)]
 
-        def fb():
-            y, s = wkv4_triton(*leaves[:4], WKV4State(*leaves[4:]), chunk=L)
-            torch.autograd.grad([y, s.aa, s.bb, s.pp], leaves, [gy, *gs])  # no .grad accumulation
+    def fb():
+        y, s = wkv4_triton(*leaves[:4], WKV4State(*leaves[4:]), chunk=L, block=block)
+        torch.autograd.grad([y, s.aa, s.bb, s.pp], leaves, [gy, *gs])  # no .grad accumulation
 
-        if DEV.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        fb_ms = timer(fb, reps)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if DEV.type == "cuda" else float("nan")
-        return f_ms, b_ms, fb_ms, peak
-    finally:
-        os.environ.pop(BLOCK_ENV, None)
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    fb_ms = timer(fb, reps)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if DEV.type == "cuda" else float("nan")
+    return f_ms, b_ms, fb_ms, peak
 
 
 def main() -> int:

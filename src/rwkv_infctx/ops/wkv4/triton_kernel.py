@@ -25,11 +25,6 @@ from torch import Tensor
 
 from rwkv_infctx.ops.wkv4.reference import WKV4Reference, WKV4State
 
-CHUNK_ENV = "RWKV_WKV4_CHUNK"
-"""Environment override for the chunk length L (a positive int), for tuning on a GPU."""
-BLOCK_ENV = "RWKV_WKV4_BLOCK"
-"""Environment override for the channels per program of the in-chunk kernels on CUDA (32, 64, 128...)."""
-
 _kernels_module = None
 
 
@@ -51,19 +46,18 @@ def _kernels():
 
 def default_chunk(T: int) -> int:
     """Chunk length L: about sqrt(T) (balances the in-chunk walks against the pass over chunks)."""
-    env = os.environ.get(CHUNK_ENV)
-    if env:
-        return max(1, int(env))
     return int(min(256, max(16, 2 ** math.ceil(math.log2(max(T, 1)) / 2))))
 
 
-def _blocks(C: int, device: torch.device) -> tuple[int, int, int]:
-    """(channels per program for the chunk kernels, for the scan kernels, num_warps of the former)."""
+def _blocks(C: int, device: torch.device, block: int = 0) -> tuple[int, int, int]:
+    """(channels per program for the chunk kernels, for the scan kernels, num_warps of the former).
+
+    `block` > 0 overrides the channels per program of the chunk kernels on CUDA (for tuning).
+    """
     if device.type != "cuda":  # the interpreter: big blocks mean fewer (slow) program instances
         bc = min(128, triton_next_pow2(C))
         return bc, bc, 1
-    env = os.environ.get(BLOCK_ENV)
-    bc = int(env) if env else 128 if C >= 1024 else 64 if C >= 64 else 32
+    bc = block if block > 0 else 128 if C >= 1024 else 64 if C >= 64 else 32
     return bc, 32, max(1, bc // 32)
 
 
@@ -91,6 +85,7 @@ def wkv4_fwd(
     bb: Tensor,
     pp: Tensor,
     chunk: int,
+    block: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, aa_T, bb_T, pp_T, logden, argmax_T): outputs, then what the backward needs."""
     kern = _kernels()
@@ -102,7 +97,7 @@ def wkv4_fwd(
     aa, bb, pp = (s.float().contiguous() for s in (aa, bb, pp))
     L = chunk
     NC = -(-T // L)
-    bc, bcs, nw = _blocks(C, dev)
+    bc, bcs, nw = _blocks(C, dev, block)
     f32 = torch.float32
     loc = torch.empty(3, B, NC, C, device=dev, dtype=f32)
     locidx = torch.empty(B, NC, C, device=dev, dtype=torch.int32)
@@ -121,7 +116,7 @@ def wkv4_fwd(
 
 
 @wkv4_fwd.register_fake
-def _(time_decay, time_first, k, v, aa, bb, pp, chunk):
+def _(time_decay, time_first, k, v, aa, bb, pp, chunk, block):
     B, T, C = k.shape
     st = aa.new_empty(B, C, dtype=torch.float32)
     return (
@@ -154,6 +149,7 @@ def wkv4_bwd(
     gbbT: Tensor,
     gppT: Tensor,
     chunk: int,
+    block: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (time_decay, time_first, k, v, aa0, bb0, pp0) from those of (y, aa_T, bb_T, pp_T)."""
     kern = _kernels()
@@ -167,7 +163,7 @@ def wkv4_bwd(
     aa0, bb0, pp0 = (s.float().contiguous() for s in (aa0, bb0, pp0))
     L = chunk
     NC = -(-T // L)
-    bc, bcs, nw = _blocks(C, dev)
+    bc, bcs, nw = _blocks(C, dev, block)
     grid = (NC, -(-C // bc), B)
     gloc = torch.empty(3, B, NC, C, device=dev, dtype=f32)
     gout = torch.empty(3, B, NC, C, device=dev, dtype=f32)
@@ -190,7 +186,25 @@ def wkv4_bwd(
 
 @wkv4_bwd.register_fake
 def _(
-    time_decay, time_first, k, v, y, logden, aa0, bb0, pp0, aaT, bbT, ppT, idxT, gy, gaaT, gbbT, gppT, chunk
+    time_decay,
+    time_first,
+    k,
+    v,
+    y,
+    logden,
+    aa0,
+    bb0,
+    pp0,
+    aaT,
+    bbT,
+    ppT,
+    idxT,
+    gy,
+    gaaT,
+    gbbT,
+    gppT,
+    chunk,
+    block,
 ):
     return (
         torch.empty_like(time_decay),
@@ -204,10 +218,10 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    time_decay, time_first, k, v, aa, bb, pp, chunk = inputs
+    time_decay, time_first, k, v, aa, bb, pp, chunk, block = inputs
     y, aaT, bbT, ppT, logden, idxT = output
     ctx.save_for_backward(time_decay, time_first, k, v, y, logden, aa, bb, pp, aaT, bbT, ppT, idxT)
-    ctx.chunk = chunk
+    ctx.chunk, ctx.block = chunk, block
     ctx.state_dtypes = (aa.dtype, bb.dtype, pp.dtype)
 
 
@@ -234,21 +248,29 @@ def _backward(ctx, gy, gaaT, gbbT, gppT, _glogden, _gidx):
         gbbT,
         gppT,
         ctx.chunk,
+        ctx.block,
     )
     g_decay, g_first, gk, gv, gaa0, gbb0, gpp0 = g
     da, db, dp = ctx.state_dtypes
-    return g_decay, g_first, gk, gv, gaa0.to(da), gbb0.to(db), gpp0.to(dp), None
+    return g_decay, g_first, gk, gv, gaa0.to(da), gbb0.to(db), gpp0.to(dp), None, None
 
 
 wkv4_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def wkv4_triton(
-    time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state: WKV4State, chunk: int | None = None
+    time_decay: Tensor,
+    time_first: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: WKV4State,
+    chunk: int | None = None,
+    block: int | None = None,
 ) -> tuple[Tensor, WKV4State]:
     """The Triton WKV-4: y (B, T, C) in k's dtype and the fp32 state after the last step.
 
-    Same contract as `wkv4_reference`. `chunk` overrides the chunk length L (default `default_chunk`).
+    Same contract as `wkv4_reference`. Tuning knobs (for bench/gpu_check.py): `chunk` overrides the
+    chunk length L (default `default_chunk`), `block` the channels per program on CUDA.
     """
     aa, bb, pp = state
     _check(time_decay, time_first, k, v, aa)
@@ -257,5 +279,5 @@ def wkv4_triton(
         y, aa, bb, pp = WKV4Reference.apply(time_decay, time_first, k, v, aa, bb, pp)
         return y, WKV4State(aa, bb, pp)
     L = min(int(chunk) if chunk else default_chunk(T), T)
-    y, aaT, bbT, ppT, _, _ = wkv4_fwd(time_decay, time_first, k, v, aa, bb, pp, L)
+    y, aaT, bbT, ppT, _, _ = wkv4_fwd(time_decay, time_first, k, v, aa, bb, pp, L, int(block or 0))
     return y, WKV4State(aaT, bbT, ppT)
