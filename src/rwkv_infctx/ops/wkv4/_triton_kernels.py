@@ -41,7 +41,7 @@ def wkv4_fwd_local(k_ptr, v_ptr, td_ptr, loc_ptr, locidx_ptr, B, T, C, NC, L: tl
     pp = tl.full([BC], FRESH, dtype=tl.float32)
     idx = tl.full([BC], -1, dtype=tl.int32)
     for i in range(L):  # a fixed trip count; steps past T (last chunk) are masked no-ops
-        ok = t0 + i < T
+        ok = (t0 + i + cs * 0) < T  # a tensor compare: a bool mask on every triton version
         m = cm & ok
         off = base + i * C
         kt = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -151,7 +151,7 @@ def wkv4_fwd_out(
     t0 = ic * L
     base = (b * T + t0) * C + cs
     for i in range(L):  # steps past T only happen in the last chunk, after which nothing is read
-        m = cm & (t0 + i < T)
+        m = cm & ((t0 + i + cs * 0) < T)
         off = base + i * C
         kt = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
         vt = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -191,7 +191,7 @@ def wkv4_bwd_local(y_ptr, gy_ptr, ld_ptr, td_ptr, gloc_ptr, B, T, C, NC, L: tl.c
     gb = tl.full([BC], 0.0, dtype=tl.float32)
     q = tl.full([BC], FRESH, dtype=tl.float32)
     for i in range(L):  # backwards; steps past T (last chunk) are masked no-ops
-        ok = t_last - i < T
+        ok = (t_last - i + cs * 0) < T  # a tensor compare: a bool mask on every triton version
         m = cm & ok
         off = base - i * C
         yt = tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -328,7 +328,7 @@ def wkv4_bwd_out(
     t_last = ic * L + L - 1
     base = (b * T + t_last) * C + cs
     for i in range(L):  # backwards; steps past T (last chunk) are masked no-ops
-        ok = t_last - i < T
+        ok = (t_last - i + cs * 0) < T  # a tensor compare: a bool mask on every triton version
         m = cm & ok
         off = base - i * C
         kt = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
