@@ -7,7 +7,8 @@ Every tokenizer is wrapped in `Tokenizer`, which gives one interface: `encode`, 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -36,6 +37,8 @@ class Tokenizer:
     vocab_size: int
     eot_id: int
     fingerprint: str
+    pid: int = field(default_factory=os.getpid, compare=False, repr=False)
+    """The process that loaded it: a forked child must not use its thread pool (see `encode_batch`)."""
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "hf":
@@ -48,6 +51,10 @@ class Tokenizer:
         if self.kind == "hf":
             return [e.ids for e in self.backend.encode_batch(texts)]
         if self.kind == "world":
+            # pyrwkv_tokenizer's batch call runs on a thread pool that deadlocks in a process forked
+            # after the pool started (e.g. a `datasets.map(num_proc=...)` worker): go one by one there.
+            if os.getpid() != self.pid:
+                return [self.backend.encode(t) for t in texts]
             return self.backend.encode_batch(texts)
         return self.backend(texts, add_special_tokens=False)["input_ids"]
 

@@ -80,3 +80,22 @@ def test_tinyshakespeare_is_one_long_sample(tmp_path, tokenizer):
         "longest": len(ids),
         "max_token_id": int(ids.max()),
     }
+
+
+def test_world_in_worker_processes_after_use_in_parent(tmp_path, docs_jsonl):
+    # pyrwkv_tokenizer's thread pool deadlocks in a forked child once the parent has used it; a hang
+    # here must fail the test, so it runs in a subprocess with a timeout.
+    import subprocess
+    import sys
+
+    code = (
+        "from rwkv_infctx.data import DataConfig, prepare\n"
+        "from rwkv_infctx.tokenizer import load_tokenizer\n"
+        "load_tokenizer('world').encode_batch(['warm up the thread pool'] * 64)\n"
+        f"done = prepare(DataConfig(source={str(docs_jsonl)!r}, tokenizer='world', "
+        f"data_path={str(tmp_path / 'p')!r}, num_proc=2))\n"
+        "print(done.metadata['splits']['train']['samples'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(len(DOCS))
