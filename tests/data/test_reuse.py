@@ -82,3 +82,16 @@ def test_datamodule_signature_matches_config():
     assert names == [f.name for f in fields(DataConfig)]
     for f in fields(DataConfig):
         assert f.default is not MISSING and params[f.name].default == f.default, f.name
+
+
+def test_lightning_cli_style_parsing(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(RWKVDataModule, "data")
+    cfg = parser.parse_object(
+        {"data": {"source": "pkg://tinyshakespeare.txt", "data_path": str(tmp_path / "p"), "test_split": 10}}
+    )
+    dm = RWKVDataModule(**vars(cfg.data))
+    assert dm.config.test_split == 10 and dm.config.test_size(100) == 10
+    assert "Samples held out for validation" in parser.format_help()
