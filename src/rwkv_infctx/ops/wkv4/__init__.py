@@ -2,7 +2,8 @@
 
 `wkv4(time_decay, time_first, k, v, state, backend=...)` returns `(y, new_state)`.
 Backends: "reference" (plain PyTorch, the definition), "triton" (the chunked Triton kernels of
-`triton_kernel.py`; on a machine without CUDA they run under Triton's CPU interpreter, for tests) and
+`triton_kernel.py`; on a machine without CUDA they run under Triton's CPU interpreter, for tests),
+"chunked" (`chunked.py`: the same op in PyTorch tensor ops, chunked over T; fast on the CPU) and
 "auto": CUDA tensors in fp32/bf16/fp16 go to the Triton kernels when triton imports, everything else
 to the reference. Triton is imported lazily, never at package import.
 """
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from rwkv_infctx.ops.wkv4.reference import FRESH_MAX, WKV4State, fresh_wkv4_state, wkv4_reference
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "chunked")
 
 __all__ = ["BACKENDS", "FRESH_MAX", "WKV4State", "fresh_wkv4_state", "wkv4", "wkv4_reference"]
 
@@ -36,6 +37,10 @@ def wkv4(
         from rwkv_infctx.ops.wkv4.triton_kernel import wkv4_triton
 
         return wkv4_triton(time_decay, time_first, k, v, state)
+    if backend == "chunked":
+        from rwkv_infctx.ops.wkv4.chunked import wkv4_chunked  # the fast CPU op, same results
+
+        return wkv4_chunked(time_decay, time_first, k, v, state)
     return wkv4_reference(time_decay, time_first, k, v, state)
 
 
