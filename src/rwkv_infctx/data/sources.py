@@ -68,9 +68,10 @@ def _stamp(files: dict[str, list[str]]) -> dict[str, list[list[Any]]]:
             if not Path(p).is_file():
                 continue
             stat = Path(p).stat()
-            # Bundled assets get a content digest: their mtime changes with every install.
+            # Bundled assets are named and digested: their path and mtime change with every install.
             if _is_asset(p):
-                out[split].append([p, stat.st_size, hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]])
+                digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]
+                out[split].append([PKG_PREFIX + Path(p).name, stat.st_size, digest])
             else:
                 out[split].append([p, stat.st_size, stat.st_mtime_ns])
     return out
