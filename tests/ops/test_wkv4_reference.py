@@ -52,15 +52,16 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(WKV4Reference.apply, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_split_sequence_carries_state_exactly():
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_split_sequence_carries_state_exactly(backend):
+    """fp32: equal to rounding, relative to each tensor's scale (pp and bb reach ~5 here)."""
     td, tf, k, v, aa, bb, pp = random_wkv_inputs(2, 20, 4, dtype=torch.float32, seed=5)
     state = WKV4State(aa, bb, pp)
-    y_full, s_full = wkv4(td, tf, k, v, state)
-    y1, s1 = wkv4(td, tf, k[:, :7], v[:, :7], state)
-    y2, s2 = wkv4(td, tf, k[:, 7:], v[:, 7:], s1)
-    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, rtol=0, atol=1e-6)
-    for a, b in zip(s2, s_full, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    y_full, s_full = wkv4(td, tf, k, v, state, backend)
+    y1, s1 = wkv4(td, tf, k[:, :7], v[:, :7], state, backend)
+    y2, s2 = wkv4(td, tf, k[:, 7:], v[:, 7:], s1, backend)
+    for a, b in zip((torch.cat([y1, y2], 1), *s2), (y_full, *s_full), strict=True):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max().clamp_min(1.0)
 
 
 def test_fresh_state_convention_and_empty_sequence():

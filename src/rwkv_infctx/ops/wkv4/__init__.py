@@ -4,8 +4,9 @@
 Backends: "reference" (plain PyTorch, the definition), "triton" (the chunked Triton kernels of
 `triton_kernel.py`; on a machine without CUDA they run under Triton's CPU interpreter, for tests),
 "chunked" (`chunked.py`: the same op in PyTorch tensor ops, chunked over T; fast on the CPU) and
-"auto": CUDA tensors in fp32/bf16/fp16 go to the Triton kernels when triton imports, everything else
-to the reference. Triton is imported lazily, never at package import.
+"auto": CUDA tensors in fp32/bf16/fp16 go to the Triton kernels when triton imports, other CUDA
+tensors to the reference, and everything else (the CPU) to "chunked". Triton is imported lazily,
+never at package import.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def wkv4(
         from rwkv_infctx.ops.wkv4.triton_kernel import wkv4_triton
 
         return wkv4_triton(time_decay, time_first, k, v, state)
-    if backend == "chunked":
+    if backend == "chunked" or (backend == "auto" and not k.is_cuda):
         from rwkv_infctx.ops.wkv4.chunked import wkv4_chunked  # the fast CPU op, same results
 
         return wkv4_chunked(time_decay, time_first, k, v, state)
