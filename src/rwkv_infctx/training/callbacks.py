@@ -27,10 +27,13 @@ class StepMetrics(pl.Callback):
 
     def __init__(self) -> None:
         self._last: float | None = None
+        self._lr = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._last is None:
             self._last = time.perf_counter()
+        group = trainer.optimizers[0].param_groups[0]  # the lr this step uses (layerwise scale 1)
+        self._lr = group["lr"] / group.get("lr_scale", 1.0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -47,8 +50,7 @@ class StepMetrics(pl.Callback):
         log("peak_mem_mb", peak_memory_mb(pl_module.device), batch_size=1)
         log(
             "lr",
-            trainer.optimizers[0].param_groups[0]["lr"]
-            / trainer.optimizers[0].param_groups[0].get("lr_scale", 1.0),
+            self._lr,
             batch_size=1,
         )
 
