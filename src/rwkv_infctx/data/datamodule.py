@@ -84,7 +84,8 @@ class RWKVDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = DataConfig(**self.hparams)
+        # LightningCLI may add bookkeeping keys (`_class_path`, `_instantiator`) to the hparams
+        self.config = DataConfig(**{k: v for k, v in self.hparams.items() if not k.startswith("_")})
         self.metadata: dict[str, Any] | None = None
         self.splits: datasets.DatasetDict | None = None
 
@@ -135,6 +136,10 @@ class RWKVDataModule(LightningDataModule):
             self.setup()
         assert self.splits is not None
         return self._loader("test", False) if "test" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out split again (`rwkv-infctx test` reports its loss); empty when test_split is 0."""
+        return self.val_dataloader()
 
     def _meta(self) -> dict[str, Any]:
         if self.metadata is None:
