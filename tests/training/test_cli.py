@@ -97,8 +97,17 @@ def test_fit_logs_metrics_exports_and_resumes(tiny_config, capsys):
 
     # resume from the checkpoint for one more step; validate and test the exported model
     assert main(["fit", "-c", str(tiny_config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "4"]) == 0
-    assert main(["validate", "-c", str(tiny_config), "--model.load_model", str(root / "final.pth"),
-                 "--model.n_layer", "null", "--model.n_embd", "null"]) == 0  # fmt: skip
+    from_file = [
+        "--model.load_model",
+        str(root / "final.pth"),
+        "--model.n_layer",
+        "null",
+        "--model.n_embd",
+        "null",
+    ]
+    assert main(["validate", "-c", str(tiny_config), *from_file]) == 0
+    assert main(["test", "-c", str(tiny_config), *from_file]) == 0
+    assert "test_loss" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
