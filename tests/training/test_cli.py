@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from rwkv_infctx.cli import main
+from rwkv_infctx.model import RWKV4, RWKV4Config
 from rwkv_infctx.training.cli import bundled_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +78,7 @@ def test_bundled_demo_is_the_repository_demo():
 @pytest.mark.slow
 def test_fit_logs_metrics_exports_and_resumes(tiny_config, capsys):
     root = tiny_config.parent
-    assert main(["fit", "-c", str(tiny_config)]) == 0
+    assert main(["fit", "-c", str(tiny_config), "--model.peak_tflops", "0.001"]) == 0
     exported = torch.load(root / "final.pth", weights_only=True)
     assert exported["emb.weight"].shape == (50277, 32) and exported["emb.weight"].dtype == torch.bfloat16
 
@@ -85,8 +86,11 @@ def test_fit_logs_metrics_exports_and_resumes(tiny_config, capsys):
     rows = list(csv.DictReader(metrics.open()))
     losses = [float(r["loss"]) for r in rows if r.get("loss")]
     assert len(losses) == 3 and all(math.isfinite(x) and 9 < x < 12 for x in losses)
-    for key in ("lr", "tokens_per_s", "segments", "peak_mem_mb"):
+    for key in ("lr", "tokens_per_s", "segments", "peak_mem_mb", "mfu"):
         assert any(r.get(key) for r in rows), key
+    for r in (r for r in rows if r.get("mfu")):  # 6·N·tokens/s over the configured 1 GFLOP/s
+        n = RWKV4(RWKV4Config(2, 32, 50277)).num_params() - 50277 * 32  # all but the embedding
+        assert float(r["mfu"]) == pytest.approx(6 * n * float(r["tokens_per_s"]) / 1e9, rel=1e-4)
     assert {float(r["segments"]) for r in rows if r.get("segments")} == {4.0}  # 255 tokens / 64
 
     ckpt = next(root.rglob("*.ckpt"))

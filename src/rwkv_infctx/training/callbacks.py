@@ -8,7 +8,9 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from rwkv_infctx.training.throughput import device_peak_tflops, matmul_params, mfu
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -19,15 +21,30 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class StepMetrics(pl.Callback):
-    """Logs, per micro-batch: loss, lr, tokens/s, segments (per sample) and peak_mem_mb.
+    """Logs, per micro-batch: loss, lr, tokens/s, segments (per sample), peak_mem_mb and, on a GPU
+    of known (or configured) peak, mfu. Prints a one-line summary at the end of fit.
 
     The loss is logged here, after backward, because segmented BPTT only knows it then.
     tokens/s counts real tokens (padding excluded) over the wall time from the previous batch's end.
+
+    Args:
+        peak_tflops: The accelerator's peak TFLOP/s for MFU; None looks the device up in
+            `throughput.PEAK_TFLOPS` (no MFU on the CPU or an unknown card).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peak_tflops: float | None = None) -> None:
         self._last: float | None = None
         self._lr = 0.0
+        self.peak_tflops = peak_tflops
+        self._n_params = 0
+        self._tokens = 0
+        self._seconds = 0.0
+        self._last_loss: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._n_params = matmul_params(pl_module.model)
+        if self.peak_tflops is None:
+            self.peak_tflops = device_peak_tflops(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._last is None:
@@ -43,16 +60,33 @@ class StepMetrics(pl.Callback):
             return
         lengths = batch.get("lengths")
         tokens = int(lengths.sum()) if lengths is not None else report.tokens
+        self._tokens += tokens
+        self._seconds += elapsed
+        self._last_loss = report.loss
+        rate = tokens / max(elapsed, 1e-9)
         log = pl_module.log
         log("loss", report.loss, prog_bar=True, batch_size=max(int(report.n_tokens), 1))
-        log("tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True, batch_size=1)
+        log("tokens_per_s", rate, prog_bar=True, batch_size=1)
         log("segments", float(report.n_segments), batch_size=1)
         log("peak_mem_mb", peak_memory_mb(pl_module.device), batch_size=1)
-        log(
-            "lr",
-            self._lr,
-            batch_size=1,
-        )
+        log("lr", self._lr, batch_size=1)
+        if self.peak_tflops:
+            log("mfu", mfu(rate, self._n_params, self.peak_tflops), batch_size=1)
+
+    def summary(self, device: torch.device) -> str:
+        """One line: tokens, time, tokens/s, MFU (where known), peak memory, last loss."""
+        rate = self._tokens / max(self._seconds, 1e-9)
+        parts = [f"{self._tokens:,} tokens in {self._seconds:.1f} s", f"{rate:,.0f} tokens/s"]
+        if self.peak_tflops:
+            parts.append(f"MFU {100 * mfu(rate, self._n_params, self.peak_tflops):.1f}%")
+        parts.append(f"peak memory {peak_memory_mb(device):,.0f} MiB")
+        if self._last_loss is not None:
+            parts.append(f"last loss {self._last_loss:.4f}")
+        return "training summary: " + ", ".join(parts) + " (this rank)"
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._tokens:
+            rank_zero_info(self.summary(pl_module.device))
 
 
 class GenerateSample(pl.Callback):

@@ -49,6 +49,8 @@ class RWKVModule(pl.LightningModule):
         wkv_backend: WKV kernel: auto (fastest for the device) or reference.
         export: Path of the RWKV-LM .pth written at the end of fit (null: none).
         export_dtype: dtype of that file: bf16 or fp32.
+        peak_tflops: Accelerator peak TFLOP/s for the logged MFU (6·N·tokens/s over peak); null looks
+            up known GPUs (H100/H200 989, A100 312, ...); no MFU on the CPU.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class RWKVModule(pl.LightningModule):
         wkv_backend: str = "auto",
         export: str | None = None,
         export_dtype: Literal["bf16", "fp32"] = "bf16",
+        peak_tflops: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -137,7 +140,7 @@ class RWKVModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        return [StepMetrics()]
+        return [StepMetrics(self.hparams.peak_tflops)]
 
     def setup(self, stage: str) -> None:
         """Refuse data whose token ids do not fit the model, before anything else runs."""
