@@ -14,6 +14,9 @@ from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import save_model
 from rwkv_infctx.training.build import build_model
 from rwkv_infctx.training.callbacks import StepMetrics
+from rwkv_infctx.training.checkpointing import ResumeState
+from rwkv_infctx.training.distributed import global_token_norm, offloads_optimizer
+from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
 from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
 from rwkv_infctx.training.segments import BpttMode, StepReport, bptt_step, check_token_ids, evaluate_loss
 
@@ -51,6 +54,7 @@ class RWKVModule(pl.LightningModule):
         export_dtype: dtype of that file: bf16 or fp32.
         peak_tflops: Accelerator peak TFLOP/s for the logged MFU (6·N·tokens/s over peak); null looks
             up known GPUs (H100/H200 989, A100 312, ...); no MFU on the CPU.
+        nan_policy: On a non-finite loss or gradient: stop (naming the step and samples) or skip the step.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class RWKVModule(pl.LightningModule):
         export: str | None = None,
         export_dtype: Literal["bf16", "fp32"] = "bf16",
         peak_tflops: float | None = None,
+        nan_policy: NanPolicy = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -116,10 +121,12 @@ class RWKVModule(pl.LightningModule):
         """Returns bptt_step's proxy (value 0); the real loss is logged by StepMetrics after backward."""
         check_token_ids(batch, self.model.cfg.vocab_size)
         hp = self.hparams
+        # one process with every rank's batch would divide by all their tokens (training.distributed)
+        n_all, world = global_token_norm(batch["loss_mask"], self.trainer.strategy)
         proxy, self.last_report = bptt_step(
-            self.model, batch, hp.ctx_len, hp.ctx_len_cutoff, hp.bptt, hp.grad_cp
+            self.model, batch, hp.ctx_len, hp.ctx_len_cutoff, hp.bptt, hp.grad_cp, n_norm=n_all
         )
-        return proxy
+        return proxy * world if world != 1 else proxy
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._log_eval("val_loss", batch)
@@ -134,13 +141,14 @@ class RWKVModule(pl.LightningModule):
         self.log(name, report.loss, prog_bar=True, batch_size=max(int(report.n_tokens), 1), sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.model, self.optim)
+        offload = self._trainer is not None and offloads_optimizer(self.trainer.strategy)
+        optimizer = make_optimizer(self.model, self.optim, cpu_offload=offload)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
         scheduler = make_scheduler(optimizer, self.optim, float(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        return [StepMetrics(self.hparams.peak_tflops)]
+        return [StepMetrics(self.hparams.peak_tflops), NanGuard(self.hparams.nan_policy), ResumeState()]
 
     def setup(self, stage: str) -> None:
         """Refuse data whose token ids do not fit the model, before anything else runs."""

@@ -72,8 +72,15 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """The optimizer over `param_groups`; `cpu_offload` (DeepSpeed *_offload): DeepSpeed's CPU Adam(W)."""
     groups = param_groups(model, cfg)
+    if cpu_offload:
+        if cfg.optimizer == "sgd":
+            raise UserError("model.optimizer: sgd with a DeepSpeed offload strategy (expected adamw or adam)")
+        from rwkv_infctx.training.distributed import cpu_adam
+
+        return cpu_adam(groups, cfg.optimizer == "adamw", cfg.lr_init, (cfg.beta1, cfg.beta2), cfg.adam_eps)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr_init, momentum=0.0)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam

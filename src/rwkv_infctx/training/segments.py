@@ -130,11 +130,14 @@ def bptt_step(
     ctx_len_cutoff: int | None = None,
     bptt: BpttMode = "full",
     grad_cp: bool = False,
+    n_norm: Tensor | None = None,
 ) -> tuple[Tensor, StepReport]:
     """(proxy, report) for one micro-batch; `proxy.backward()` computes the exact gradients.
 
     The proxy's value is 0; `report.loss` holds the real loss once the backward has run. The proxy
     may be scaled before backward (gradient accumulation): the gradients scale with it.
+    `n_norm` is the objective's denominator: by default the micro-batch's own unmasked token count;
+    under data parallelism, the count over all ranks (`training.distributed`).
     `model(tokens_BT, state, compute_logits) -> (logits | None, state)` and
     `model.fresh_state(B, device)` are all that is asked of the model.
     """
@@ -142,7 +145,7 @@ def bptt_step(
     B, T = inputs.shape
     segments = plan_segments(T, ctx_len, ctx_len_cutoff, bptt)
     report = StepReport(n_tokens=float(token_count(mask)), n_segments=len(segments), tokens=B * T)
-    run = _SegmentedRun(model, inputs, targets, mask, segments, grad_cp, report)
+    run = _SegmentedRun(model, inputs, targets, mask, segments, grad_cp, report, n_norm)
     params = [p for p in model.parameters() if p.requires_grad]
     return _SegmentedBPTT.apply(run, *params), report
 
@@ -193,12 +196,14 @@ class _SegmentedRun:
     segments: list[Segment]
     grad_cp: bool
     report: StepReport
+    n_norm: Tensor | None = None
     in_states: list[RecurrentState | None] = field(default_factory=list)
     rng_states: list[tuple[Tensor, Tensor | None] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.n_tokens = token_count(self.mask).to(self.inputs.device)
+        n = token_count(self.mask) if self.n_norm is None else self.n_norm
+        self.n_tokens = n.to(self.inputs.device, torch.float64)
         self.segments, self.seg_tokens = _drop_idle_tails(self.segments, self.mask)
         device = self.inputs.device.type
         self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))

@@ -1,0 +1,116 @@
+"""One rank of a distributed test run, launched by `launch.run_ranks` under torchrun.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.distributed.worker \
+        STRATEGY OUT_DIR MODEL.pth LENGTHS [--steps N] [--optimizer sgd]
+
+Trains `MODEL.pth` with RWKVModule on synthetic samples of the given lengths (one per rank per step,
+in order: Lightning's DistributedSampler gives rank r the samples r, r + W, ...) and writes to
+OUT_DIR: `grads_rank{r}.pt` (the gradients of the first optimizer step, where the strategy keeps
+them in `.grad`), `final_rank{r}.pt` (the trained weights, gathered) and the Lightning checkpoint
+`last.ckpt` (a folder under DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from rwkv_infctx.data.collator import collate
+from rwkv_infctx.training.module import RWKVModule
+
+
+def synthetic_samples(lengths: list[int], vocab: int, seed: int = 0) -> list[dict]:
+    """Samples of `length + 1` token ids each (so `length` scored positions), no loss mask."""
+    gen = np.random.default_rng(seed)
+    return [{"input_ids": gen.integers(0, vocab, n + 1), "loss_mask": None} for n in lengths]
+
+
+class CaptureGrads(pl.Callback):
+    """Saves every parameter's `.grad` before the first optimizer step (after DDP's all-reduce)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.done = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.done:
+            return
+        self.done = True
+        grads = {
+            n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters() if p.grad is not None
+        }
+        torch.save(grads, self.out / f"grads_rank{trainer.global_rank}.pt")
+
+
+def make_strategy(name: str):
+    if not name.startswith("deepspeed"):
+        return name
+    from tests.distributed.cpu_deepspeed import CPUDeepSpeedStrategy
+
+    stage = int(name.split("_")[2])
+    offload = name.endswith("offload")
+    kwargs = {"stage": stage, "offload_optimizer": offload, "offload_parameters": offload and stage == 3}
+    # partition every parameter under ZeRO-3 (the default keeps small ones whole, hiding the sharding)
+    extra = {"param_persistence_threshold": 0} if stage == 3 else {}
+    return CPUDeepSpeedStrategy(**kwargs, **extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("strategy")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("lengths", help="comma-separated sample lengths")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--ctx_len", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.1)
+    args = parser.parse_args()
+
+    module = RWKVModule(
+        load_model=str(args.model),
+        ctx_len=args.ctx_len,
+        optimizer=args.optimizer,
+        lr_init=args.lr,
+        lr_final=args.lr,
+        layerwise_lr=False,
+    )
+    samples = synthetic_samples([int(n) for n in args.lengths.split(",")], module.model.cfg.vocab_size)
+    loader = DataLoader(samples, batch_size=1, shuffle=False, collate_fn=collate)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=make_strategy(args.strategy),
+        max_steps=args.steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(args.out),
+        callbacks=[CaptureGrads(args.out)],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    trainer.save_checkpoint(args.out / "last.ckpt")
+    torch.save(gathered_state(trainer, module), args.out / f"final_rank{trainer.global_rank}.pt")
+
+
+def gathered_state(trainer: pl.Trainer, module: RWKVModule) -> dict[str, torch.Tensor]:
+    """The network's full weights on this rank (gathered from the shards under ZeRO-3)."""
+    from rwkv_infctx.training.distributed import zero_stage
+
+    if zero_stage(trainer.strategy) != 3:
+        return module.model.state_dict()
+    import deepspeed
+
+    params = list(module.model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+if __name__ == "__main__":
+    main()
