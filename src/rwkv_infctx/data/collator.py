@@ -21,6 +21,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
 
     Returns `input_ids` and `target_ids` (B, T) int64, `loss_mask` (B, T) float32 and `lengths` (B,)
     int64, the number of valid positions of each row. Samples under 2 tokens are dropped with a warning.
+    Samples carrying `sample_index` (see `data.sampler.MarkedDataset`) add `sample_index` (B,) int64;
+    those with `padding` true (copies that even out the ranks) get an all-zero loss mask.
     """
     ids = [np.asarray(s["input_ids"], dtype=np.int64) for s in samples]
     masks = [np.asarray(s["loss_mask"]) if s.get("loss_mask") is not None else None for s in samples]
@@ -40,5 +42,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(x) - 1
         input_ids[b, :n] = x[:-1]
         target_ids[b, :n] = x[1:]
-        loss_mask[b, :n] = 1.0 if masks[i] is None else torch.from_numpy(masks[i][1:].astype(np.float32))
-    return {"input_ids": input_ids, "target_ids": target_ids, "loss_mask": loss_mask, "lengths": lengths}
+        if not samples[i].get("padding", False):
+            loss_mask[b, :n] = 1.0 if masks[i] is None else torch.from_numpy(masks[i][1:].astype(np.float32))
+    batch = {"input_ids": input_ids, "target_ids": target_ids, "loss_mask": loss_mask, "lengths": lengths}
+    if all("sample_index" in samples[i] for i in keep):
+        batch["sample_index"] = torch.tensor([samples[i]["sample_index"] for i in keep], dtype=torch.int64)
+    return batch

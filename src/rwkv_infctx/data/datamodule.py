@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -13,6 +14,7 @@ from rwkv_infctx.data import store
 from rwkv_infctx.data.build import loadable_metadata, make_fingerprint, prepare
 from rwkv_infctx.data.collator import collate
 from rwkv_infctx.data.config import DataConfig
+from rwkv_infctx.data.sampler import MarkedDataset, ResumableSampler, rank_and_world
 from rwkv_infctx.data.sources import resolve_source
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.tokenizer import load_tokenizer
@@ -53,6 +55,9 @@ class RWKVDataModule(LightningDataModule):
         batch_size: Samples per micro-batch.
         num_workers: DataLoader worker processes.
         shuffle: Shuffle training samples each epoch.
+
+    Training batches come from a `ResumableSampler` (sharded over ranks, order from the run's seed
+    and the epoch); its cursor is saved in checkpoints (`state_dict`) and restored on resume.
     """
 
     def __init__(
@@ -88,6 +93,8 @@ class RWKVDataModule(LightningDataModule):
         self.config = DataConfig(**{k: v for k, v in self.hparams.items() if not k.startswith("_")})
         self.metadata: dict[str, Any] | None = None
         self.splits: datasets.DatasetDict | None = None
+        self.train_sampler: ResumableSampler | None = None
+        self._sampler_state: dict[str, Any] | None = None
 
     def prepare_data(self) -> None:
         """Build `data_path` unless it already matches the config (runs on one process per node)."""
@@ -128,7 +135,41 @@ class RWKVDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.config.shuffle)
+        """Batches from a `ResumableSampler`; they carry `sample_index` (B,) too."""
+        if self.splits is None:
+            self.setup()
+        assert self.splits is not None
+        ds = self.splits["train"].with_format("numpy", columns=["input_ids", "loss_mask"])
+        trainer = self.trainer
+        rank, world = rank_and_world(trainer)
+        seed = torch.initial_seed() % 2**31  # the run's seed (seed_everything); rank 0's wins
+        if trainer is not None:
+            seed = trainer.strategy.broadcast(seed, src=0)
+        sampler = ResumableSampler(len(ds), self.config.shuffle, seed, rank, world)
+        if self._sampler_state is not None:
+            sampler.load_state_dict(self._sampler_state)
+        self.train_sampler = sampler
+        return DataLoader(
+            MarkedDataset(ds),
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            num_workers=self.config.num_workers,
+            collate_fn=collate,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data cursor, for checkpoints: which sample comes next in which epoch."""
+        trainer = self.trainer
+        if self.train_sampler is None or trainer is None:
+            return {}
+        # batches this rank has taken this epoch (the batch being checkpointed included)
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        consumed = min(batches * self.config.batch_size, len(self.train_sampler))
+        return {"sampler": self.train_sampler.state_dict(consumed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the cursor; the next `train_dataloader()` resumes from it."""
+        self._sampler_state = state_dict.get("sampler")
 
     def val_dataloader(self) -> DataLoader | list:
         """Batches of the `test` split; an empty list when `test_split` is 0."""

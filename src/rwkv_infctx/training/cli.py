@@ -44,12 +44,11 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
 
 def make_cli(argv: list[str]):
     """Build and run the LightningCLI for `argv` (the subcommand first); returns it."""
-    from lightning.pytorch.cli import LightningCLI
-
     from rwkv_infctx.data import RWKVDataModule
     from rwkv_infctx.training.module import RWKVModule
+    from rwkv_infctx.training.preflight import CheckedLightningCLI
 
-    return LightningCLI(
+    return CheckedLightningCLI(
         RWKVModule,
         RWKVDataModule,
         args=argv,

@@ -1,0 +1,94 @@
+"""Exact resume: a run killed with SIGKILL at a random step, resumed with `ckpt_path: auto`, ends
+with weights bit-identical to an uninterrupted run (deterministic CPU settings, dropout on, two
+epochs, a checkpoint after every step)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.reliability.conftest import fit_config, write_config
+
+MAX_STEPS = 9  # 12 samples, batch 2: 6 steps per epoch, so the run crosses an epoch boundary
+EVERY_STEP = {
+    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "init_args": {"every_n_train_steps": 1, "save_top_k": -1},
+}
+
+
+def config_for(root: Path, corpus) -> Path:
+    cfg = fit_config(
+        root,
+        *corpus,
+        **{
+            "trainer.max_steps": MAX_STEPS,
+            "trainer.callbacks": [EVERY_STEP],
+            "model.export": str(root / "final.pth"),
+            "model.export_dtype": "fp32",
+        },
+    )
+    return write_config(root / "fit.yaml", cfg)
+
+
+def fit_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rwkv_infctx", "fit", "-c", str(config), *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    return sorted(int(p.stem.split("step=")[1]) for p in root.rglob("*.ckpt") if "step=" in p.stem)
+
+
+def run_and_kill(config: Path, root: Path, kill_after: int) -> None:
+    """Start fit; SIGKILL it as soon as the checkpoint of step `kill_after` exists."""
+    proc = subprocess.Popen(fit_command(config), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while kill_after not in checkpoint_steps(root):
+            if proc.poll() is not None:
+                pytest.fail(f"fit ended before step {kill_after}: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("fit did not reach the kill step in time")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(corpus, tmp_path_factory):
+    base = corpus[0].parent
+    straight, broken = base / "straight", base / "broken"
+    straight.mkdir()
+    broken.mkdir()
+    kill_after = random.Random().randint(2, MAX_STEPS - 2)
+    print(f"killing after the checkpoint of step {kill_after}")
+
+    done = subprocess.run(fit_command(config_for(straight, corpus)), env=ENV, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+    config = config_for(broken, corpus)
+    run_and_kill(config, broken, kill_after)
+    assert not (broken / "final.pth").exists()
+    resumed = subprocess.run(fit_command(config, "--ckpt_path", "auto"), env=ENV, capture_output=True)
+    err = resumed.stderr.decode()
+    assert resumed.returncode == 0, err[-2000:]
+    assert "ckpt_path auto: resuming from" in err
+
+    a = torch.load(straight / "final.pth", weights_only=True)
+    b = torch.load(broken / "final.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], f"killed after step {kill_after}: {different}"
