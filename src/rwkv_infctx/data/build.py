@@ -54,10 +54,13 @@ def prepare(config: DataConfig) -> Prepared:
     source = resolve_source(config)
     fingerprint = make_fingerprint(config, source, tokenizer)
     old = store.read_metadata(data_path)
-    if old is not None and old["fingerprint"] == fingerprint:
+    missing = store.missing_files(data_path) if old is not None else []
+    if old is not None and old["fingerprint"] == fingerprint and not missing:
         return Prepared("reused", "same source, tokenizer and options", old)
     if old is None:
         reason = "data_path did not exist"
+    elif missing:
+        reason = f"incomplete: {', '.join(missing[:3])} missing"
     else:
         reason = "changed: " + ", ".join(store.changed_keys(old["fingerprint"], fingerprint))
     start = time.perf_counter()
@@ -72,6 +75,12 @@ def loadable_metadata(config: DataConfig) -> dict[str, Any]:
     if meta is None:
         hint = "set data.source to build it" if config.source is None else "run prepare_data first"
         raise UserError(f"data.data_path {data_path}: no prepared dataset there ({hint})")
+    missing = store.missing_files(data_path)
+    if missing:
+        raise UserError(
+            f"data.data_path {data_path}: incomplete ({', '.join(missing[:3])} missing); "
+            "set data.source to rebuild it"
+        )
     if config.tokenizer is not None:
         wanted = load_tokenizer(config.tokenizer)
         built = meta["tokenizer"]

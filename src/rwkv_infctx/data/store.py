@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,10 +62,58 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return keys
 
 
+def missing_files(data_path: Path) -> list[str]:
+    """Files of the saved splits that are absent from `data_path` (empty: complete)."""
+    index = data_path / "dataset_dict.json"
+    try:
+        splits = json.loads(index.read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["dataset_dict.json"]
+    missing = []
+    for split in splits:
+        try:
+            state = json.loads((data_path / split / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            missing.append(f"{split}/state.json")
+            continue
+        missing += [
+            f"{split}/{f['filename']}"
+            for f in state.get("_data_files", [])
+            if not (data_path / split / f["filename"]).is_file()
+        ]
+    return missing
+
+
+def remove_stale_builds(data_path: Path) -> None:
+    """Delete build folders of `data_path` left by killed processes of this host (pid not alive)."""
+    prefix, host = f".{data_path.name}.building-", socket.gethostname()
+    if not data_path.parent.is_dir():
+        return
+    for entry in data_path.parent.iterdir():
+        parts = entry.name[len(prefix) :].rsplit("-", 2) if entry.name.startswith(prefix) else []
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _alive(int(parts[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def work_dir(data_path: Path) -> Path:
-    """A fresh private folder next to `data_path` to build in (same filesystem, so rename is atomic)."""
+    """A fresh private folder next to `data_path` to build in (same filesystem, so rename is atomic).
+
+    Its name, `.NAME.building-HOST-PID-XXXXXXXX`, lets later builds remove it if the process was killed.
+    """
     parent = data_path.parent
-    work = parent / f".{data_path.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_builds(data_path)
+    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work = parent / f".{data_path.name}.building-{tag}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
         work.mkdir()

@@ -61,8 +61,10 @@ class NanGuard(pl.Callback):
 
     def on_after_backward(self, trainer, pl_module) -> None:
         report = getattr(pl_module, "last_report", None)
-        loss = report.loss if report is not None else None
-        if loss is not None and not math.isfinite(loss):
+        if report is None or report.ce_sum is None:
+            return
+        # ce_sum and the token count: report.loss hides a NaN count (it reads 0 when the count isn't > 0)
+        if not (math.isfinite(report.ce_sum) and math.isfinite(report.n_tokens)):
             self._bad_loss += self._samples
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
