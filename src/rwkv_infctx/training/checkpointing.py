@@ -31,6 +31,10 @@ from rwkv_infctx.io.atomic import atomic_path
 
 AUTO = "auto"
 CHECKPOINT_KEYS = ("state_dict", "loops", "global_step")
+UNREADABLE_CHECKPOINT = (
+    "not a complete Lightning checkpoint of plain tensors and values "
+    "(truncated, corrupt, or holding pickled code, which is never run)"
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -92,6 +96,8 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: pl.Trainer) -> str | None:
         path = Path(ckpt_path)
         if not path.exists():
             raise UserError(f"ckpt_path {ckpt_path}: not found (expected a .ckpt written by fit, or 'auto')")
+        if path.is_file() and read_checkpoint(path) is None:
+            raise UserError(f"ckpt_path {ckpt_path}: {UNREADABLE_CHECKPOINT}")
         return ckpt_path
     for candidate in checkpoint_candidates(trainer):
         ckpt = read_checkpoint(candidate)

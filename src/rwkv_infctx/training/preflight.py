@@ -17,7 +17,11 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from rwkv_infctx.errors import UserError
-from rwkv_infctx.training.checkpointing import check_output_folder, resolve_ckpt_path
+from rwkv_infctx.training.checkpointing import (
+    UNREADABLE_CHECKPOINT,
+    check_output_folder,
+    resolve_ckpt_path,
+)
 
 
 class CheckedLightningCLI(LightningCLI):
@@ -28,6 +32,14 @@ class CheckedLightningCLI(LightningCLI):
             return super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError) as e:  # MisconfigurationException is a ValueError
             raise UserError(f"trainer: {_first_sentences(str(e))}") from None
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hparams here (torch.load, weights_only=True)
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise UserError(f"ckpt_path {path}: {UNREADABLE_CHECKPOINT}") from None
 
     def before_fit(self) -> None:
         self._preflight()
