@@ -1,6 +1,6 @@
 """Max |logit| differences of our RWKV-4 against HF transformers and the `rwkv` package (CPU, fp32).
 
-    python bench/oracle_diffs.py [--n_layer 4 --n_embd 128 --vocab 1000 --tokens 256]
+    python bench/oracle_diffs.py [--n_layer 4 --n_embd 128 --vocab 1000 --tokens 256 --wkv_backend auto]
 
 Every weight is random (time parameters included). Prints one line per comparison.
 """
@@ -29,8 +29,9 @@ def main() -> None:
     p.add_argument("--n_embd", type=int, default=128)
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--wkv_backend", default="auto", help="auto (chunked on the CPU) or reference")
     args = p.parse_args()
-    cfg = RWKV4Config(args.n_layer, args.n_embd, args.vocab)
+    cfg = RWKV4Config(args.n_layer, args.n_embd, args.vocab, wkv_backend=args.wkv_backend)
     model = random_model(cfg, seed=0)
     tokens = torch.randint(0, cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(1))
     ours, _ = model(tokens)
