@@ -19,6 +19,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
 
+    def setup_distributed(self) -> None:
+        # as DeepSpeedStrategy.setup_distributed, without the check that device indices are ranks
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
     @property
     def root_device(self) -> torch.device:
         return torch.device("cpu", 0)

@@ -7,7 +7,8 @@ Trains `MODEL.pth` with RWKVModule on synthetic samples of the given lengths (on
 in order: Lightning's DistributedSampler gives rank r the samples r, r + W, ...) and writes to
 OUT_DIR: `grads_rank{r}.pt` (the gradients of the first optimizer step, where the strategy keeps
 them in `.grad`), `final_rank{r}.pt` (the trained weights, gathered) and the Lightning checkpoint
-`last.ckpt` (a folder under DeepSpeed).
+`last.ckpt` (a folder under DeepSpeed), and `fit_export.pth` (model.export at the end of fit).
+One validation batch runs at the end of the epoch.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def make_strategy(name: str):
     stage = int(name.split("_")[2])
     offload = name.endswith("offload")
     kwargs = {"stage": stage, "offload_optimizer": offload, "offload_parameters": offload and stage == 3}
-    # partition every parameter under ZeRO-3 (the default keeps small ones whole, hiding the sharding)
-    extra = {"param_persistence_threshold": 0} if stage == 3 else {}
-    return CPUDeepSpeedStrategy(**kwargs, **extra)
+    strategy = CPUDeepSpeedStrategy(**kwargs)
+    # partition every parameter under ZeRO-3 (by default small ones stay whole, hiding the sharding)
+    strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return strategy
 
 
 def main() -> None:
@@ -79,6 +81,8 @@ def main() -> None:
         lr_init=args.lr,
         lr_final=args.lr,
         layerwise_lr=False,
+        export=str(args.out / "fit_export.pth"),
+        export_dtype="fp32",
     )
     samples = synthetic_samples([int(n) for n in args.lengths.split(",")], module.model.cfg.vocab_size)
     loader = DataLoader(samples, batch_size=1, shuffle=False, collate_fn=collate)
@@ -87,6 +91,8 @@ def main() -> None:
         devices=2,
         strategy=make_strategy(args.strategy),
         max_steps=args.steps,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -94,7 +100,7 @@ def main() -> None:
         default_root_dir=str(args.out),
         callbacks=[CaptureGrads(args.out)],
     )
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
     trainer.save_checkpoint(args.out / "last.ckpt")
     torch.save(gathered_state(trainer, module), args.out / f"final_rank{trainer.global_rank}.pt")
 

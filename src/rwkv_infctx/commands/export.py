@@ -3,6 +3,9 @@
 The network's weights are taken from the checkpoint's `state_dict` (the `model.` prefix of
 `RWKVModule` is stripped), checked against the RWKV-4 layout their shapes imply, and written
 atomically as `.pth` (or `.safetensors`) in bf16 or fp32.
+
+A DeepSpeed checkpoint is a folder (one file per rank under ZeRO); DeepSpeed's own
+`get_fp32_state_dict_from_zero_checkpoint` consolidates its shards into full fp32 weights.
 """
 
 from __future__ import annotations
@@ -10,27 +13,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from torch import Tensor
+
 from rwkv_infctx.errors import UserError
-from rwkv_infctx.io.model_file import check_keys, infer_config, read_state_dict, save_state_dict
+from rwkv_infctx.io.model_file import (
+    _strip_prefixes,
+    check_keys,
+    infer_config,
+    read_state_dict,
+    save_state_dict,
+)
 from rwkv_infctx.model import RWKV4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ckpt", type=Path, help="Lightning checkpoint (.ckpt) written by `rwkv-infctx fit`")
+    parser.add_argument(
+        "ckpt", type=Path, help="checkpoint written by `rwkv-infctx fit`: a .ckpt file or a DeepSpeed folder"
+    )
     parser.add_argument("out", type=Path, help="model file to write (.pth, or .safetensors)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="default: bf16")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ckpt.is_dir():
-        raise UserError(
-            f"checkpoint {args.ckpt}: a folder (DeepSpeed checkpoint); not supported yet, "
-            "expected a Lightning .ckpt file"
-        )
     if args.out.exists() and not args.force:
         raise UserError(f"output {args.out}: already exists (use --force to overwrite)")
-    sd = read_state_dict(args.ckpt)
+    sd = read_deepspeed_checkpoint(args.ckpt) if args.ckpt.is_dir() else read_state_dict(args.ckpt)
     cfg = infer_config(sd, args.ckpt)
     check_keys(sd, RWKV4(cfg).state_dict(), args.ckpt)
     save_state_dict(sd, args.out, args.dtype)
@@ -39,3 +47,24 @@ def run(args: argparse.Namespace) -> int:
         f"vocab_size={cfg.vocab_size} ({args.dtype})"
     )
     return 0
+
+
+def read_deepspeed_checkpoint(folder: Path) -> dict[str, Tensor]:
+    """Full fp32 weights of a DeepSpeed checkpoint folder (ZeRO 1–3 shards merged by DeepSpeed)."""
+    if not (folder / "latest").is_file() and not any(folder.glob("*/*model_states.pt")):
+        raise UserError(
+            f"checkpoint {folder}: a folder, but not a DeepSpeed checkpoint (no 'latest' file or "
+            "*model_states.pt); expected a Lightning .ckpt file or a DeepSpeed checkpoint folder"
+        )
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise UserError(
+            f"checkpoint {folder}: a DeepSpeed checkpoint; install deepspeed to read it "
+            "(pip install 'rwkv-infctx[deepspeed]')"
+        ) from None
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint {folder}: not a readable DeepSpeed checkpoint ({e})") from None
+    return _strip_prefixes({k: v.float() for k, v in sd.items()}, folder)

@@ -8,17 +8,30 @@ and scales its proxy by W, which the strategy's averaging undoes:
 
     mean_r (W · ce_r / N_all) = Σ_r ce_r / N_all
 
+ZeRO-3 gathers a module's weights in its forward (and again in its backward) with a collective. A
+layer-by-layer gather would need every rank to call the layers equally often, but a rank's segment
+count is its sample's length, so ranks would hang. `make_zero3_leaf` makes the network DeepSpeed's
+*leaf*, and `run_on_network` calls it once per micro-batch on every rank with all the segments inside
+that call: the whole network is gathered once for the forward and once for the backward. Gradients
+and optimizer states stay partitioned, and so do the weights between micro-steps; the whole network
+must fit on one device during a step (ZeRO-3's layer-by-layer gathering is not used).
+
 DeepSpeed is imported inside the functions that need it, never at module load.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.training.loss import token_count
+
+T = TypeVar("T")
 
 
 def global_token_norm(loss_mask_BT: Tensor, strategy: Any) -> tuple[Tensor, float]:
@@ -73,3 +86,68 @@ def cpu_adam(groups: list[dict], adamw: bool, lr: float, betas: tuple[float, flo
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=adamw)
+
+
+def make_zero3_leaf(network: nn.Module) -> None:
+    """Make `network` a ZeRO-3 leaf: no hooks on its submodules; its own call gathers all its weights.
+
+    Call before DeepSpeed wraps the model (LightningModule.setup), then run it with `run_on_network`.
+    """
+    from deepspeed.utils import set_z3_leaf_module
+
+    set_z3_leaf_module(network, True)
+
+
+def run_on_network(
+    network: nn.Module,
+    fn: Callable[[Any, Tensor | None], T],
+    zero3: bool,
+    grad_device: torch.device | None = None,
+) -> T:
+    """`fn(net, anchor)`: directly (`net` is `network`, `anchor` None), or under ZeRO-3 inside one call
+    of the leaf `network`, so DeepSpeed gathers its weights once for all of `fn`'s segments.
+
+    Under ZeRO-3 `net` calls the network's forward without hooks, and with `grad_device` an `anchor`
+    (a scalar requiring grad) is passed through the call: `fn` must make it an input of its autograd
+    node (bptt_step does), so that DeepSpeed gathers the weights again for the backward and reduces the
+    leaf's gradients after that node has produced them, not when the output's gradient arrives.
+    """
+    if not zero3:
+        return fn(network, None)
+    anchor = None if grad_device is None else torch.ones((), device=grad_device, requires_grad=True)
+
+    def redirected(*args: Tensor) -> T:
+        del network.forward  # back to the class's forward, which `_Unhooked` calls
+        # the anchor as the hooks handed it on (wrapped in their autograd nodes), not the original
+        return fn(_Unhooked(network), args[0] if args else None)
+
+    network.forward = redirected  # the hooked call runs `fn` (as Lightning's forward redirection)
+    try:
+        return network(anchor) if anchor is not None else network()
+    finally:
+        network.__dict__.pop("forward", None)
+
+
+class _Unhooked:
+    """`network` whose calls run its forward without module hooks (each segment's call under ZeRO-3)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self._network = network
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self._network).forward(self._network, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._network, name)
+
+
+@contextlib.contextmanager
+def full_weights(model: nn.Module, strategy: Any) -> Iterator[None]:
+    """Inside, `model` holds its full weights on every rank (gathered under ZeRO-3: call on all ranks)."""
+    if zero_stage(strategy) != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield

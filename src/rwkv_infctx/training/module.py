@@ -15,7 +15,14 @@ from rwkv_infctx.io.model_file import save_model
 from rwkv_infctx.training.build import build_model
 from rwkv_infctx.training.callbacks import StepMetrics
 from rwkv_infctx.training.checkpointing import ResumeState
-from rwkv_infctx.training.distributed import global_token_norm, offloads_optimizer
+from rwkv_infctx.training.distributed import (
+    full_weights,
+    global_token_norm,
+    make_zero3_leaf,
+    offloads_optimizer,
+    run_on_network,
+    zero_stage,
+)
 from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
 from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
 from rwkv_infctx.training.segments import BpttMode, StepReport, bptt_step, check_token_ids, evaluate_loss
@@ -116,6 +123,7 @@ class RWKVModule(pl.LightningModule):
         }
         self.model = build_model(load_model, dims, dropout=dropout, seed=seed, wkv_backend=wkv_backend)
         self.last_report: StepReport | None = None
+        self._zero3 = False
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Returns bptt_step's proxy (value 0); the real loss is logged by StepMetrics after backward."""
@@ -123,9 +131,11 @@ class RWKVModule(pl.LightningModule):
         hp = self.hparams
         # one process with every rank's batch would divide by all their tokens (training.distributed)
         n_all, world = global_token_norm(batch["loss_mask"], self.trainer.strategy)
-        proxy, self.last_report = bptt_step(
-            self.model, batch, hp.ctx_len, hp.ctx_len_cutoff, hp.bptt, hp.grad_cp, n_norm=n_all
-        )
+
+        def step(net, anchor):
+            return bptt_step(net, batch, hp.ctx_len, hp.ctx_len_cutoff, hp.bptt, hp.grad_cp, n_all, anchor)
+
+        proxy, self.last_report = run_on_network(self.model, step, self._zero3, batch["input_ids"].device)
         return proxy * world if world != 1 else proxy
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -136,7 +146,10 @@ class RWKVModule(pl.LightningModule):
 
     def _log_eval(self, name: str, batch: dict[str, Tensor]) -> None:
         check_token_ids(batch, self.model.cfg.vocab_size)
-        report = evaluate_loss(self.model, batch, self.hparams.ctx_len, self.hparams.ctx_len_cutoff)
+        hp = self.hparams
+        report = run_on_network(
+            self.model, lambda net, _: evaluate_loss(net, batch, hp.ctx_len, hp.ctx_len_cutoff), self._zero3
+        )
         # batch_size = tokens: the epoch mean is weighted by tokens, like the training loss
         self.log(name, report.loss, prog_bar=True, batch_size=max(int(report.n_tokens), 1), sync_dist=True)
 
@@ -155,10 +168,16 @@ class RWKVModule(pl.LightningModule):
         check = getattr(self.trainer.datamodule, "check_vocab_size", None)
         if check is not None:
             check(self.model.cfg.vocab_size)
+        self._zero3 = zero_stage(self.trainer.strategy) == 3
+        if self._zero3:
+            make_zero3_leaf(self.model)
 
     def on_fit_end(self) -> None:
-        if self.hparams.export and self.trainer.is_global_zero:
-            path = Path(self.hparams.export)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_model(self.model, path, self.hparams.export_dtype)
-            rank_zero_info(f"exported the final model to {path} ({self.hparams.export_dtype})")
+        if not self.hparams.export:
+            return
+        with full_weights(self.model, self.trainer.strategy):  # collective under ZeRO-3: every rank
+            if self.trainer.is_global_zero:
+                path = Path(self.hparams.export)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_model(self.model, path, self.hparams.export_dtype)
+                rank_zero_info(f"exported the final model to {path} ({self.hparams.export_dtype})")

@@ -131,13 +131,16 @@ def bptt_step(
     bptt: BpttMode = "full",
     grad_cp: bool = False,
     n_norm: Tensor | None = None,
+    anchor: Tensor | None = None,
 ) -> tuple[Tensor, StepReport]:
     """(proxy, report) for one micro-batch; `proxy.backward()` computes the exact gradients.
 
     The proxy's value is 0; `report.loss` holds the real loss once the backward has run. The proxy
     may be scaled before backward (gradient accumulation): the gradients scale with it.
     `n_norm` is the objective's denominator: by default the micro-batch's own unmasked token count;
-    under data parallelism, the count over all ranks (`training.distributed`).
+    under data parallelism, the count over all ranks (`training.distributed`). `anchor`, a scalar that
+    requires grad, becomes one more input of the autograd node (its gradient is 0), so that a hook on
+    its gradient runs once the parameters' gradients exist (DeepSpeed ZeRO-3's leaf-module reduction).
     `model(tokens_BT, state, compute_logits) -> (logits | None, state)` and
     `model.fresh_state(B, device)` are all that is asked of the model.
     """
@@ -147,7 +150,7 @@ def bptt_step(
     report = StepReport(n_tokens=float(token_count(mask)), n_segments=len(segments), tokens=B * T)
     run = _SegmentedRun(model, inputs, targets, mask, segments, grad_cp, report, n_norm)
     params = [p for p in model.parameters() if p.requires_grad]
-    return _SegmentedBPTT.apply(run, *params), report
+    return _SegmentedBPTT.apply(run, *params, *([] if anchor is None else [anchor])), report
 
 
 @torch.no_grad()
@@ -171,18 +174,20 @@ def evaluate_loss(
 
 
 class _SegmentedBPTT(torch.autograd.Function):
-    """One autograd node per micro-batch; its inputs are the parameters, its output the proxy."""
+    """One autograd node per micro-batch; its inputs are the parameters (and the anchor, if any),
+    its output the proxy."""
 
     @staticmethod
     def forward(ctx, run: _SegmentedRun, *params: Tensor) -> Tensor:
         run.state_pass()
         ctx.run = run
+        ctx.anchors = len(params) - len(run.params)
         return torch.zeros((), device=run.inputs.device)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         run, ctx.run = ctx.run, None
-        return (None, *run.backward_pass(grad_out))
+        return (None, *run.backward_pass(grad_out), *[torch.zeros_like(grad_out)] * ctx.anchors)
 
 
 @dataclass
