@@ -39,16 +39,31 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
                 out[i + 1] = str(bundled_config(value.removeprefix("pkg://")))
             elif not value.lstrip().startswith(("{", "[")) and not Path(value).is_file():
                 raise UserError(f"config {value}: file not found")
+            else:
+                _check_yaml(out[i + 1])
     return out
+
+
+def _check_yaml(value: str) -> None:
+    """A config file (or inline YAML) must parse with yaml.safe_load: one line naming it otherwise."""
+    import yaml
+
+    text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config {value}: not valid YAML ({problem}{where})") from None
 
 
 def make_cli(argv: list[str]):
     """Build and run the LightningCLI for `argv` (the subcommand first); returns it."""
     from rwkv_infctx.data import RWKVDataModule
     from rwkv_infctx.training.module import RWKVModule
-    from rwkv_infctx.training.preflight import CheckedLightningCLI
 
-    return CheckedLightningCLI(
+    return _cli_class()(
         RWKVModule,
         RWKVDataModule,
         args=argv,
@@ -60,6 +75,40 @@ def make_cli(argv: list[str]):
         # hparams are the init arguments only (RWKVModule.load_from_checkpoint works without extras)
         load_from_checkpoint_support=False,
     )
+
+
+def _cli_class():
+    """`CheckedLightningCLI` plus the top-level `target_batch_size` option (built lazily: no Lightning
+    import at package import)."""
+    from rwkv_infctx.training.distributed import accumulation_for
+    from rwkv_infctx.training.preflight import CheckedLightningCLI
+
+    class RWKVLightningCLI(CheckedLightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument(
+                "--target_batch_size",
+                type=int | None,
+                default=None,
+                help="Samples per optimizer step across all ranks; sets trainer.accumulate_grad_batches "
+                "to target / (num_nodes × devices × data.batch_size). Null: use accumulate_grad_batches.",
+            )
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            target = self._get(self.config_init, "target_batch_size")
+            if target is not None:
+                if trainer.accumulate_grad_batches != 1:
+                    raise UserError(
+                        f"target_batch_size: {target} and trainer.accumulate_grad_batches: "
+                        f"{trainer.accumulate_grad_batches} are both set (set one; the other is derived)"
+                    )
+                batch_size = self.datamodule.config.batch_size
+                trainer.accumulate_grad_batches = accumulation_for(
+                    target, trainer.num_nodes, trainer.num_devices, batch_size
+                )
+            return trainer
+
+    return RWKVLightningCLI
 
 
 def run_lightning_cli(argv: list[str]) -> int:
