@@ -45,13 +45,12 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 def _read_pth(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(
-                f"model file {path}: refused, it contains pickled objects that would run code "
-                "(expected a plain state dict of tensors)"
-            ) from None
-        raise UserError(f"model file {path}: not a model file ({_short(e)})") from None
+    except pickle.UnpicklingError:
+        # corrupt bytes and pickled code look alike to the weights_only unpickler: both are refused
+        raise UserError(
+            f"model file {path}: not a readable state dict of tensors; refused (corrupt, or pickled "
+            "objects that would run code; expected an RWKV-LM .pth)"
+        ) from None
     except Exception as e:  # torch.load raises many types for damaged input
         raise UserError(
             f"model file {path}: not a readable model file, truncated or corrupt ({_short(e)})"
