@@ -14,6 +14,7 @@ One validation batch runs at the end of the epoch.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from rwkv_infctx.data import RWKVDataModule
 from rwkv_infctx.data.collator import collate
 from rwkv_infctx.training.module import RWKVModule
 
@@ -29,6 +31,21 @@ def synthetic_samples(lengths: list[int], vocab: int, seed: int = 0) -> list[dic
     """Samples of `length + 1` token ids each (so `length` scored positions), no loss mask."""
     gen = np.random.default_rng(seed)
     return [{"input_ids": gen.integers(0, vocab, n + 1), "loss_mask": None} for n in lengths]
+
+
+class RecordSamples(pl.Callback):
+    """Writes `samples_rank{r}.json`: per training batch, its sample indices and which are padding."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.batches = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if "sample_index" in batch:
+            padding = (batch["loss_mask"] == 0).all(dim=1)
+            self.batches.append({"index": batch["sample_index"].tolist(), "padding": padding.tolist()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.out / f"samples_rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
 
 
 class CaptureGrads(pl.Callback):
@@ -67,7 +84,7 @@ def main() -> None:
     parser.add_argument("strategy")
     parser.add_argument("out", type=Path)
     parser.add_argument("model", type=Path)
-    parser.add_argument("lengths", help="comma-separated sample lengths")
+    parser.add_argument("lengths", help="comma-separated sample lengths, or data:DATA_PATH (prepared)")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--ctx_len", type=int, default=8)
@@ -84,13 +101,19 @@ def main() -> None:
         export=str(args.out / "fit_export.pth"),
         export_dtype="fp32",
     )
-    samples = synthetic_samples([int(n) for n in args.lengths.split(",")], module.model.cfg.vocab_size)
-    loader = DataLoader(samples, batch_size=1, shuffle=False, collate_fn=collate)
+    if args.lengths.startswith("data:"):  # the project's datamodule (its rank-sharded sampler)
+        data = RWKVDataModule(data_path=args.lengths.removeprefix("data:"), batch_size=1)
+        loaders = {"datamodule": data}
+    else:
+        samples = synthetic_samples([int(n) for n in args.lengths.split(",")], module.model.cfg.vocab_size)
+        loader = DataLoader(samples, batch_size=1, shuffle=False, collate_fn=collate)
+        loaders = {"train_dataloaders": loader, "val_dataloaders": loader}
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=make_strategy(args.strategy),
         max_steps=args.steps,
+        max_epochs=1,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         logger=False,
@@ -98,9 +121,9 @@ def main() -> None:
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=str(args.out),
-        callbacks=[CaptureGrads(args.out)],
+        callbacks=[CaptureGrads(args.out), RecordSamples(args.out)],
     )
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    trainer.fit(module, **loaders)
     trainer.save_checkpoint(args.out / "last.ckpt")
     torch.save(gathered_state(trainer, module), args.out / f"final_rank{trainer.global_rank}.pt")
 
