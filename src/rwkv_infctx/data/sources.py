@@ -286,7 +286,9 @@ def _read_error(source: Source, error: Exception) -> UserError:
     files = [f for fs in source.files.values() for f in fs]
     empty = [f for f in files if Path(f).is_file() and Path(f).stat().st_size == 0]
     if empty:
-        return UserError(f"data.source {source.name}: {empty[0]} is empty (expected at least one document)")
+        return UserError(
+            f"data.source {source.name}: {empty[0]} is empty, it has no rows (expected at least one document)"
+        )
     return UserError(f"data.source {source.name}: could not read {files[0]} ... ({_innermost(error)})")
 
 
