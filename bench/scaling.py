@@ -7,8 +7,9 @@
 Each cell is a fresh `torchrun` of this file (`--worker`): RWKVModule with segmented BPTT on
 synthetic samples of `--length` tokens (one per rank per micro-step), `--steps` optimizer steps of
 which the first `--warmup` are not timed. Reported from the median step time: tokens/s over all
-ranks, per device, and the scaling efficiency against the same strategy on one device. The CPU smoke run uses the test-only
-DeepSpeed CPU strategy (tests/distributed/cpu_deepspeed.py); its figures say nothing about GPUs.
+ranks, per device, and the scaling efficiency against the same strategy on one device. The CPU
+smoke run uses the test-only DeepSpeed CPU strategy (tests/distributed/cpu_deepspeed.py); its
+figures say nothing about GPUs.
 """
 
 from __future__ import annotations
