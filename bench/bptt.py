@@ -4,9 +4,11 @@
     python bench/bptt.py memory                    # peak RSS of one step at 4k/16k/64k tokens
     python bench/bptt.py throughput                # tokens/s: full vs unsegmented, 64k vs 4k
 
-`memory` and `throughput` run every measurement in a fresh child process whose environment tames
-glibc's allocator (MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0; see
-shared/NOTES-segments.md item 4), so peak RSS reflects live memory. Modes:
+`memory` and `throughput` run every measurement in a fresh child process. For `memory` the child's
+environment tames glibc's allocator (MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0;
+see shared/NOTES-segments.md item 4), so peak RSS reflects live memory. `throughput` keeps the
+ordinary allocator: the tamed one returns every freed block to the OS, which taxes the segmented
+modes' many per-segment allocations with page faults and is not how training runs. Modes:
     full         segmented, exact BPTT (bptt_step, bptt="full")
     truncated    segmented, state detached at each boundary (bptt_step, bptt="truncated")
     unsegmented  ordinary autograd over the whole sample (model(tokens) → loss → backward)
@@ -113,7 +115,7 @@ def cmd_step(args) -> None:
     print(json.dumps({"peak_rss_mb": rss_mb, "seconds": {m: min(t) for m, t in times.items()}}))
 
 
-def run_child(args, mode: str, tokens: int, repeat: int) -> dict:
+def run_child(args, mode: str, tokens: int, repeat: int, tame_malloc: bool) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -137,7 +139,7 @@ def run_child(args, mode: str, tokens: int, repeat: int) -> dict:
         "--threads",
         str(args.threads),
     ]
-    env = {**os.environ, **TAME_MALLOC}
+    env = {**os.environ, **(TAME_MALLOC if tame_malloc else {})}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"child failed ({' '.join(cmd)}):\n{out.stderr[-2000:]}")
@@ -156,7 +158,7 @@ def cmd_memory(args) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     print(f"{'mode':12}" + "".join(f"{n:>12,}" for n in lengths) + f"{'ratio':>10}   (peak RSS, MB)")
     for mode in args.modes.split(","):
-        rss = [run_child(args, mode, n, 1)["peak_rss_mb"] for n in lengths]
+        rss = [run_child(args, mode, n, 1, tame_malloc=True)["peak_rss_mb"] for n in lengths]
         print(f"{mode:12}" + "".join(f"{r:>12.0f}" for r in rss) + f"{rss[-1] / rss[0]:>10.2f}", flush=True)
 
 
@@ -165,7 +167,7 @@ def cmd_throughput(args) -> None:
     _header(args)
     lengths = [int(x) for x in args.lengths.split(",")]
     modes = args.modes.split(",")
-    seconds = [run_child(args, args.modes, n, args.repeat)["seconds"] for n in lengths]
+    seconds = [run_child(args, args.modes, n, args.repeat, tame_malloc=False)["seconds"] for n in lengths]
     head = f"{'mode':12}" + "".join(f"{n:>12,}" for n in lengths)
     print(head + f"{'ratio':>10}   (tokens/s, best of {args.repeat}, modes alternating in one process)")
     rates = {m: [n / s[m] for n, s in zip(lengths, seconds, strict=True)] for m in modes}
