@@ -18,6 +18,7 @@ import torch
 from tests.reliability.conftest import fit_config, write_config
 
 MAX_STEPS = 9  # 12 samples, batch 2: 6 steps per epoch, so the run crosses an epoch boundary
+STEPS_PER_EPOCH = 6
 EVERY_STEP = {
     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
     "init_args": {"every_n_train_steps": 1, "save_top_k": -1},
@@ -68,12 +69,14 @@ def run_and_kill(config: Path, root: Path, kill_after: int) -> None:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bit_identical(corpus, tmp_path_factory):
-    base = corpus[0].parent
-    straight, broken = base / "straight", base / "broken"
+@pytest.mark.parametrize("where", ["epoch_end", "random_step"])
+def test_kill_and_resume_is_bit_identical(where, corpus, tmp_path):
+    """Killed right after the checkpoint that closes epoch 0, or after a random step's checkpoint."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
     straight.mkdir()
     broken.mkdir()
-    kill_after = random.Random().randint(2, MAX_STEPS - 2)
+    mid_run = random.Random().randint(2, MAX_STEPS - 2)
+    kill_after = STEPS_PER_EPOCH if where == "epoch_end" else mid_run
     print(f"killing after the checkpoint of step {kill_after}")
 
     done = subprocess.run(fit_command(config_for(straight, corpus)), env=ENV, capture_output=True)

@@ -155,6 +155,9 @@ class RWKVDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=self.config.num_workers,
             collate_fn=collate,
+            # its own generator: building an epoch's iterator must not draw from the global torch RNG,
+            # or a run resumed at an epoch boundary would see dropout masks shifted by one draw
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def state_dict(self) -> dict[str, Any]:
