@@ -8,8 +8,6 @@ Prints a table, and optionally writes a long-format CSV and a PNG plot. See docs
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from rwkv_infctx.errors import UserError
 from rwkv_infctx.evaluation.positions import evaluate
 from rwkv_infctx.evaluation.report import Results, format_table, write_csv, write_png
 from rwkv_infctx.evaluation.samples import Samples, batches, from_data_config, from_text_file
+from rwkv_infctx.io.atomic import check_writable
 from rwkv_infctx.io.model_file import load_model
 from rwkv_infctx.model import RWKV4
 
@@ -55,17 +54,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _check_writable(out: Path) -> None:
     """Fail before the (long) evaluation if an output could not be written."""
-    folder = out.resolve().parent
-    if not folder.is_dir():
-        raise UserError(f"output {out}: folder {folder} does not exist")
     if out.is_dir():
         raise UserError(f"output {out}: is a folder (expected a file name)")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
-    except OSError as e:
-        raise UserError(f"output {out}: cannot write in {folder} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
+    check_writable(out)
 
 
 def _labels(args: argparse.Namespace) -> list[str]:

@@ -11,6 +11,24 @@ from pathlib import Path
 from rwkv_infctx.errors import UserError
 
 
+def _temp_beside(path: Path) -> Path:
+    """Create an empty hidden temporary file in `path`'s folder; UserError if that is impossible."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output {path}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise UserError(f"output {path}: cannot write in {folder} ({e.strerror})") from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def check_writable(path: str | Path) -> None:
+    """UserError unless `atomic_path(path)` could write there (checked with a probe file, removed)."""
+    _temp_beside(Path(path)).unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`
@@ -20,14 +38,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"output {path}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise UserError(f"output {path}: cannot write in {folder} ({e.strerror})") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temp_beside(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
