@@ -96,7 +96,7 @@ def resolve_source(config: DataConfig) -> Source:
     src = config.source
     assert src is not None
     if config.source_data_dir is not None or config.data_files is not None:
-        if src in BUILDERS or src is None:
+        if src in BUILDERS:
             return _builder_source(config, src)
         if "/" in src and not Path(src).exists():
             return Source(kind="hub", name=src)
@@ -172,9 +172,8 @@ def _one_builder(files: list[str], name: str) -> str:
     return builders[0]
 
 
-def _builder_source(config: DataConfig, builder: str | None) -> Source:
+def _builder_source(config: DataConfig, builder: str) -> Source:
     base = Path.cwd()
-    name = builder or "(inferred)"
     if config.source_data_dir is not None:
         base = Path(config.source_data_dir).expanduser()
         if not base.is_dir():
@@ -185,9 +184,7 @@ def _builder_source(config: DataConfig, builder: str | None) -> Source:
         files = {split: _expand(base, patterns) for split, patterns in config.data_files.items()}
     else:
         files = {config.source_split: _expand(base, config.data_files)}
-    if builder is None:
-        builder = _one_builder([f for fs in files.values() for f in fs], name)
-    return Source(kind="local", name=name, builder=builder, files=files)
+    return Source(kind="local", name=builder, builder=builder, files=files)
 
 
 def _expand(base: Path, patterns: str | list[str]) -> list[str]:

@@ -149,8 +149,7 @@ def bptt_step(
     segments = plan_segments(T, ctx_len, ctx_len_cutoff, bptt)
     report = StepReport(n_tokens=float(token_count(mask)), n_segments=len(segments), tokens=B * T)
     run = _SegmentedRun(model, inputs, targets, mask, segments, grad_cp, report, n_norm)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return _SegmentedBPTT.apply(run, *params, *([] if anchor is None else [anchor])), report
+    return _SegmentedBPTT.apply(run, *run.params, *([] if anchor is None else [anchor])), report
 
 
 @torch.no_grad()
