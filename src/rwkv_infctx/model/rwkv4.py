@@ -7,6 +7,7 @@ Module names match RWKV-LM's, so `state_dict()` keys are RWKV-LM's `.pth` keys.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from rwkv_infctx.model.config import RWKV4Config
@@ -105,7 +106,11 @@ class Block(nn.Module):
 
 
 class RWKV4(nn.Module):
-    """RWKV-4 language model: `forward(tokens, state) -> (logits, new_state)`."""
+    """RWKV-4 language model: `forward(tokens, state) -> (logits, new_state)`.
+
+    Training (`training.segments`) uses `hidden(tokens, state) -> (h, new_state)` and `head`
+    separately, so that the logits of a long segment never exist all at once.
+    """
 
     def __init__(self, cfg: RWKV4Config):
         super().__init__()
@@ -132,18 +137,40 @@ class RWKV4(nn.Module):
         logits and final state as one call. With compute_logits=False only the new state is
         computed (no head, no last channel-mix matmuls) and the logits are None.
         """
+        h_BTC, new_state = self.hidden(tokens_BT, state, state_only=not compute_logits)
+        return (None if h_BTC is None else self.head(h_BTC)), new_state
+
+    def hidden(
+        self,
+        tokens_BT: Tensor,
+        state: RWKV4State | None = None,
+        state_only: bool = False,
+        grad_cp: bool = False,
+    ) -> tuple[Tensor | None, RWKV4State]:
+        """The final hidden states (B, T, C) after ln_out (what `self.head` reads) and the new state.
+
+        `self.head(h)` of any rows and columns of h gives their logits, so a caller may compute the
+        logits in pieces. state_only=True skips ln_out and the last block's channel-mix matmuls
+        (the new state does not need them) and returns None for h. grad_cp=True, when grad is
+        enabled, checkpoints each block: its activations are recomputed in backward (with the
+        forward's RNG state, so dropout draws the same masks).
+        """
         B, T = tokens_BT.shape
         if T == 0:
             raise ValueError("forward needs at least one token per row (T = 0)")
         if state is None:
             state = self.fresh_state(B, tokens_BT.device)
+        checkpoint = grad_cp and torch.is_grad_enabled()
         x = self.emb(tokens_BT)
         att_shifts, ffn_shifts, wkv_states = [], [], []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, att_shift, ffn_shift, wkv_state = block(
-                x, state.att_shift[i], state.ffn_shift[i], state.wkv(i), compute_logits or i < last
-            )
+            args = (x, state.att_shift[i], state.ffn_shift[i], state.wkv(i), not state_only or i < last)
+            if checkpoint:
+                out = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                out = block(*args)
+            x, att_shift, ffn_shift, wkv_state = out
             att_shifts.append(att_shift)
             ffn_shifts.append(ffn_shift)
             wkv_states.append(wkv_state)
@@ -152,8 +179,7 @@ class RWKV4(nn.Module):
             torch.stack(ffn_shifts),
             *(torch.stack(ts) for ts in zip(*wkv_states, strict=True)),
         )
-        logits = self.head(self.ln_out(x)) if compute_logits else None
-        return logits, new_state
+        return (None if state_only else self.ln_out(x)), new_state
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -11,15 +11,21 @@ L2Wrap (RWKV-LM) pushes the largest logit of every position towards 0 by adding
 `L2WRAP_FACTOR / N * max_logit` to that logit's gradient. It is written here as the differentiable
 term `0.5 * L2WRAP_FACTOR / N * sum(max_logit**2)` over unmasked positions, whose gradient is exactly
 that; it is part of the objective that is differentiated, never of the reported loss.
+
+The head's logits (B, T, V) of a whole segment would dominate its memory (V is ~50k), so
+`head_loss_grad` and `head_loss_value` compute them from the final hidden states in chunks of about
+`LOSS_CHUNK` positions: only one chunk's logits, and their gradient, exist at a time.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 L2WRAP_FACTOR = 1e-4
+LOSS_CHUNK = 1024
+"""Default number of positions (rows × columns) whose logits exist at a time."""
 
 
 def token_count(loss_mask_BT: Tensor) -> Tensor:
@@ -48,3 +54,80 @@ def objective(ce_sum: Tensor, l2_sum: Tensor, n_tokens: Tensor) -> Tensor:
     """The differentiated objective of one segment: (ce_sum + L2Wrap) / N; 0 when N = 0."""
     n = n_tokens.clamp_min(1).to(ce_sum.dtype)
     return (ce_sum + L2WRAP_FACTOR * l2_sum) / n
+
+
+def chunk_columns(mask_BT: Tensor, chunk: int) -> list[slice]:
+    """Column slices of about `chunk` positions each (B rows × at least one column), leaving out
+    those without an unmasked token: their logits add nothing to the loss or its gradient."""
+    if chunk <= 0:
+        raise ValueError(f"loss chunk: {chunk} (expected a positive number of positions)")
+    B, T = mask_BT.shape
+    width = max(1, chunk // max(B, 1))
+    n = -(-T // width)
+    live = torch.zeros(n * width, dtype=torch.bool, device=mask_BT.device)
+    live[:T] = (mask_BT != 0).any(0)
+    alive = live.view(n, width).any(1).tolist()
+    return [slice(i * width, min(T, (i + 1) * width)) for i in range(n) if alive[i]]
+
+
+def head_loss_grad(
+    head: nn.Module,
+    h_BTC: Tensor,
+    targets_BT: Tensor,
+    mask_BT: Tensor,
+    n_tokens: Tensor,
+    grad_out: Tensor,
+    chunk: int = LOSS_CHUNK,
+) -> tuple[Tensor, list[Tensor | None], Tensor]:
+    """The objective of hidden states under `head`, differentiated eagerly, chunk by chunk.
+
+    Returns (dh_BTC, head_grads, ce_sum): the objective's gradient (times `grad_out`) w.r.t. h, and
+    w.r.t. each of head's parameters that requires grad (None if unused; half precision accumulated
+    in float32); ce_sum as in `segment_terms`, detached. Only one chunk's logits exist at a time.
+    """
+    params = [p for p in head.parameters() if p.requires_grad]
+    h = h_BTC.detach()
+    dh = torch.zeros_like(h)
+    grads: list[Tensor | None] = [None] * len(params)
+    ce_sum = torch.zeros((), device=h.device, dtype=torch.float64)
+    for cols in chunk_columns(mask_BT, chunk):
+        g_h, g_params, ce = _chunk_grad(
+            head, params, h[:, cols], targets_BT[:, cols], mask_BT[:, cols], n_tokens, grad_out
+        )
+        dh[:, cols] = g_h
+        ce_sum += ce
+        for j, g in enumerate(g_params):
+            if g is not None:
+                g = g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
+                grads[j] = g if grads[j] is None else grads[j].add_(g)
+    return dh, grads, ce_sum
+
+
+def _chunk_grad(
+    head: nn.Module,
+    params: list[Tensor],
+    h_BtC: Tensor,
+    targets_Bt: Tensor,
+    mask_Bt: Tensor,
+    n_tokens: Tensor,
+    grad_out: Tensor,
+) -> tuple[Tensor, tuple[Tensor | None, ...], Tensor]:
+    # a function of its own: the chunk's logits and their graph are freed on return
+    h = h_BtC.detach().requires_grad_()
+    ce, l2 = segment_terms(head(h), targets_Bt, mask_Bt)
+    loss = objective(ce, l2, n_tokens)
+    g_h, *g_params = torch.autograd.grad(
+        loss, [h, *params], grad_out.to(loss.dtype).reshape(()), allow_unused=True
+    )
+    return g_h, tuple(g_params), ce.detach()
+
+
+@torch.no_grad()
+def head_loss_value(
+    head: nn.Module, h_BTC: Tensor, targets_BT: Tensor, mask_BT: Tensor, chunk: int = LOSS_CHUNK
+) -> Tensor:
+    """ce_sum of hidden states under `head` (as `segment_terms`), one chunk's logits at a time."""
+    ce_sum = torch.zeros((), device=h_BTC.device, dtype=torch.float64)
+    for cols in chunk_columns(mask_BT, chunk):
+        ce_sum += segment_terms(head(h_BTC[:, cols]), targets_BT[:, cols], mask_BT[:, cols])[0]
+    return ce_sum

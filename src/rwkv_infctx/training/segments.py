@@ -1,6 +1,6 @@
 """Long samples in segments: exact backpropagation through time in constant memory.
 
-Shape legend: B batch, T time (the padded sample length), V vocab_size.
+Shape legend: B batch, T time (the padded sample length), C n_embd, V vocab_size.
 
 A micro-batch of any length T is cut into segments of `ctx_len` tokens; the recurrent state is
 carried from segment to segment. `bptt_step` returns a scalar *proxy* tensor. Calling `backward()` on
@@ -10,9 +10,11 @@ gradient of unsegmented backpropagation through the whole sample:
 - forward (no grad): a state-only pass (no head, no last channel-mix matmuls) over the segments,
   keeping only each segment's input state: a few KB to MB per segment, nothing per token.
 - backward: segments in reverse order. Each is recomputed from its saved input state with grad
-  enabled, its loss is computed, and one `torch.autograd.grad` of
-  `loss_i + <out_state_i, dL/d out_state_i>` gives its parameter gradients (accumulated) and the
-  gradient of its input state, which is handed to the previous segment.
+  enabled, up to its final hidden states h (B, T, C). The head and the loss are differentiated
+  eagerly, a chunk of positions at a time (`loss.head_loss_grad`), so a segment's logits never exist
+  all at once; this gives dL/dh and the head's gradients. Then one `torch.autograd.grad` of
+  `<h_i, dL/dh_i> + <out_state_i, dL/d out_state_i>` gives the other parameter gradients
+  (accumulated) and the gradient of its input state, which is handed to the previous segment.
 
 So one segment's graph is alive at a time, and the cost is one state-only forward plus an ordinary
 forward and backward: about 3F + F_state against 3F unsegmented (docs/training.md has measurements).
@@ -22,23 +24,33 @@ Boundaries come in three kinds (`Segment.entry`):
     "carry":  the state and its gradient cross the boundary (bptt: full).
     "detach": the state's value crosses, its gradient does not (bptt: truncated).
     "fresh":  a new piece starts from a fresh state (ctx_len_cutoff, or the first segment).
+
+What is asked of a model (RWKV-4 here; later versions implement the same three members):
+    model.fresh_state(B, device) -> state
+        The state before the first token: a `RecurrentState` (`.map`, `.tensors()`).
+    model.hidden(tokens_BT, state, state_only=False, grad_cp=False) -> (h_BTC | None, new_state)
+        The final hidden states (after the last norm: what the head reads) and the state after the
+        last token. state_only=True may skip work the new state does not need and returns None for
+        h. grad_cp=True (honoured only with grad enabled) recomputes each block in backward,
+        replaying the forward's RNG state. Row-wise computation: the same tokens and state give the
+        same h and new state whatever the batch's other rows.
+    model.head: an nn.Module mapping (..., C) hidden states to (..., V) logits, position by position
+        (so it can be applied to any chunk of h); its parameters are among model.parameters().
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.state import RecurrentState
-from rwkv_infctx.training.loss import objective, segment_terms, token_count
+from rwkv_infctx.training.loss import LOSS_CHUNK, head_loss_grad, head_loss_value, token_count
 
 BpttMode = Literal["full", "truncated"]
 BPTT_MODES = ("full", "truncated")
@@ -132,6 +144,8 @@ def bptt_step(
     grad_cp: bool = False,
     n_norm: Tensor | None = None,
     anchor: Tensor | None = None,
+    *,
+    loss_chunk: int = LOSS_CHUNK,
 ) -> tuple[Tensor, StepReport]:
     """(proxy, report) for one micro-batch; `proxy.backward()` computes the exact gradients.
 
@@ -141,22 +155,29 @@ def bptt_step(
     under data parallelism, the count over all ranks (`training.distributed`). `anchor`, a scalar that
     requires grad, becomes one more input of the autograd node (its gradient is 0), so that a hook on
     its gradient runs once the parameters' gradients exist (DeepSpeed ZeRO-3's leaf-module reduction).
-    `model(tokens_BT, state, compute_logits) -> (logits | None, state)` and
-    `model.fresh_state(B, device)` are all that is asked of the model.
+    `loss_chunk`: positions (rows × columns) whose logits exist at a time. The module doc lists
+    what is asked of the model.
     """
+    _check_loss_chunk(loss_chunk)
     inputs, targets, mask = unpack_batch(batch)
     B, T = inputs.shape
     segments = plan_segments(T, ctx_len, ctx_len_cutoff, bptt)
     report = StepReport(n_tokens=float(token_count(mask)), n_segments=len(segments), tokens=B * T)
-    run = _SegmentedRun(model, inputs, targets, mask, segments, grad_cp, report, n_norm)
+    run = _SegmentedRun(model, inputs, targets, mask, segments, grad_cp, report, n_norm, loss_chunk)
     return _SegmentedBPTT.apply(run, *run.params, *([] if anchor is None else [anchor])), report
 
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, batch: dict[str, Tensor], ctx_len: int, ctx_len_cutoff: int | None = None
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    ctx_len: int,
+    ctx_len_cutoff: int | None = None,
+    *,
+    loss_chunk: int = LOSS_CHUNK,
 ) -> StepReport:
     """The loss of a micro-batch without gradients, segment by segment (for validation and test)."""
+    _check_loss_chunk(loss_chunk)
     inputs, targets, mask = unpack_batch(batch)
     B, T = inputs.shape
     segments = plan_segments(T, ctx_len, ctx_len_cutoff)
@@ -167,9 +188,14 @@ def evaluate_loss(
         if seg.entry == "fresh":
             state = model.fresh_state(B, inputs.device)
         cols = slice(seg.start, seg.end)
-        logits, state = model(inputs[:, cols], state, compute_logits=True)
-        ce_total += float(segment_terms(logits, targets[:, cols], mask[:, cols])[0])
+        h, state = model.hidden(inputs[:, cols], state)
+        ce_total += float(head_loss_value(model.head, h, targets[:, cols], mask[:, cols], loss_chunk))
     return StepReport(n_tokens=float(n), n_segments=len(segments), tokens=B * T, ce_sum=ce_total)
+
+
+def _check_loss_chunk(loss_chunk: int) -> None:
+    if loss_chunk <= 0:
+        raise UserError(f"loss_chunk: {loss_chunk} (expected a positive number of positions)")
 
 
 class _SegmentedBPTT(torch.autograd.Function):
@@ -201,11 +227,14 @@ class _SegmentedRun:
     grad_cp: bool
     report: StepReport
     n_norm: Tensor | None = None
+    loss_chunk: int = LOSS_CHUNK
     in_states: list[RecurrentState | None] = field(default_factory=list)
     rng_states: list[tuple[Tensor, Tensor | None] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        head = {id(p) for p in self.model.head.parameters()}
+        self.head_index = [j for j, p in enumerate(self.params) if id(p) in head]
         n = token_count(self.mask) if self.n_norm is None else self.n_norm
         self.n_tokens = n.to(self.inputs.device, torch.float64)
         self.segments, self.seg_tokens = _drop_idle_tails(self.segments, self.mask)
@@ -226,7 +255,7 @@ class _SegmentedRun:
             self.rng_states.append(_capture_rng(self.inputs.device) if self.replay_rng else None)
             last_of_piece = i + 1 == len(self.segments) or self.segments[i + 1].entry == "fresh"
             if not last_of_piece:  # the state after a piece's last segment is never needed
-                _, state = self.model(self.inputs[:, seg.start : seg.end], state, compute_logits=False)
+                _, state = self.model.hidden(self.inputs[:, seg.start : seg.end], state, state_only=True)
 
     def backward_pass(self, grad_out: Tensor) -> list[Tensor]:
         """Reverse sweep; returns the parameter gradients, scaled by grad_out."""
@@ -243,15 +272,17 @@ class _SegmentedRun:
             if wants_state_grad:
                 state = state.map(lambda t, f: t.detach().requires_grad_())
             with torch.enable_grad(), self._replay(i):
-                outputs, out_grads, ce_sum = self._segment_graph(seg, state, has_tokens, state_grad, grad_out)
+                outputs, out_grads, ce_sum, head_grads = self._segment_graph(
+                    seg, state, has_tokens, state_grad, grad_out
+                )
             ce_total += ce_sum
+            for j, g in zip(self.head_index, head_grads, strict=True):
+                _accumulate(grads, j, g)
             inputs = self.params + (list(state.tensors()) if wants_state_grad else [])
-            got = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True)
+            got = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True) if outputs else ()
             for j, g in enumerate(got[: len(self.params)]):
-                if g is not None:
-                    g = g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
-                    grads[j] = g if grads[j] is None else grads[j].add_(g)
-            state_grad = tuple(got[len(self.params) :]) if wants_state_grad else None
+                _accumulate(grads, j, g)
+            state_grad = tuple(got[len(self.params) :]) if wants_state_grad and got else None
         self.report.ce_sum = ce_total
         return [
             torch.zeros_like(p) if g is None else g.to(p.dtype)
@@ -260,29 +291,44 @@ class _SegmentedRun:
 
     def _segment_graph(
         self, seg: Segment, state: RecurrentState, has_tokens: bool, state_grad, grad_out: Tensor
-    ) -> tuple[list[Tensor], list[Tensor], float]:
-        """Recompute one segment with grad; the outputs to differentiate and their incoming grads."""
+    ) -> tuple[list[Tensor], list[Tensor], float, list[Tensor | None]]:
+        """Recompute one segment with grad, its head and loss chunk by chunk (differentiated here).
+
+        Returns the outputs still to differentiate (h, out-state tensors), their incoming grads,
+        the segment's ce_sum and the gradients of the head's parameters (in `head_index` order).
+        """
         cols = slice(seg.start, seg.end)
-        logits, out_state = self.model(self.inputs[:, cols], state, compute_logits=has_tokens)
+        h, out_state = self.model.hidden(
+            self.inputs[:, cols], state, state_only=not has_tokens, grad_cp=self.grad_cp
+        )
         outputs: list[Tensor] = []
         out_grads: list[Tensor] = []
         ce_value = 0.0
+        head_grads: list[Tensor | None] = [None] * len(self.head_index)
         if has_tokens:
-            ce_sum, l2_sum = segment_terms(logits, self.targets[:, cols], self.mask[:, cols])
-            loss = objective(ce_sum, l2_sum, self.n_tokens)
-            outputs.append(loss)
-            out_grads.append(grad_out.to(loss.dtype).reshape(()))
-            ce_value = float(ce_sum.detach())
+            dh, head_grads, ce_sum = head_loss_grad(
+                self.model.head,
+                h,
+                self.targets[:, cols],
+                self.mask[:, cols],
+                self.n_tokens,
+                grad_out,
+                self.loss_chunk,
+            )
+            if h.requires_grad:
+                outputs.append(h)
+                out_grads.append(dh)
+            ce_value = float(ce_sum)
         if state_grad is not None:
             for t, g in zip(out_state.tensors(), state_grad, strict=True):
                 if g is not None and t.requires_grad:
                     outputs.append(t)
                     out_grads.append(g)
-        return outputs, out_grads, ce_value
+        return outputs, out_grads, ce_value, head_grads
 
     @contextlib.contextmanager
     def _replay(self, i: int) -> Iterator[None]:
-        """Recompute segment i under the forward's autocast, RNG (dropout) and grad_cp settings."""
+        """Recompute segment i under the forward's autocast and RNG (dropout) state."""
         device, dtype, enabled = self.autocast
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
@@ -291,9 +337,14 @@ class _SegmentedRun:
                 cuda = [self.inputs.device] if rng[1] is not None else []
                 stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
                 _restore_rng(rng, self.inputs.device)
-            if self.grad_cp:
-                stack.enter_context(checkpoint_blocks(self.model))
             yield
+
+
+def _accumulate(grads: list[Tensor | None], j: int, g: Tensor | None) -> None:
+    """grads[j] += g, in float32 for half-precision gradients."""
+    if g is not None:
+        g = g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
+        grads[j] = g if grads[j] is None else grads[j].add_(g)
 
 
 def _drop_idle_tails(segments: list[Segment], mask: Tensor) -> tuple[list[Segment], list[int]]:
@@ -321,18 +372,3 @@ def _restore_rng(rng: tuple[Tensor, Tensor | None], device: torch.device) -> Non
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
         torch.cuda.set_rng_state(rng[1], device)
-
-
-@contextlib.contextmanager
-def checkpoint_blocks(model: nn.Module) -> Iterator[None]:
-    """grad_cp: inside the context each of `model.blocks` recomputes its activations in backward."""
-    blocks = list(getattr(model, "blocks", []))
-    for block in blocks:
-        block.forward = functools.partial(
-            torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block), use_reentrant=False
-        )
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
