@@ -2,6 +2,7 @@
 
 Before `fit`, `validate` or `test` starts (so before any log folder, checkpoint or data_path):
 - Trainer arguments Lightning rejects (an unknown strategy, accelerator, precision) become one line;
+- trainer.precision must be one this trainer supports (`SUPPORTED_PRECISIONS`; docs/training.md);
 - `ckpt_path: auto` is resolved to the newest complete checkpoint, an explicit one must exist
   (`training.checkpointing.resolve_ckpt_path`);
 - the output folders (default_root_dir, the loggers' save_dir, checkpoint dirpaths, model.export's
@@ -23,11 +24,31 @@ from rwkv_infctx.training.checkpointing import (
     resolve_ckpt_path,
 )
 
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true")
+"""trainer.precision values that are tested end to end (tests/training/test_precision.py)."""
+
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def check_precision(value: Any) -> None:
+    """UserError unless `value` (null, an int or a Lightning precision string) is supported.
+
+    fp16 is refused: its GradScaler skips steps on overflow, which model.nan_policy stops on, and
+    Adam's eps (1e-8) is below fp16's range for fp16 weights.
+    """
+    if value is None:
+        return
+    name = _PRECISION_ALIASES.get(str(value), str(value))
+    if name not in SUPPORTED_PRECISIONS:
+        supported = ", ".join(SUPPORTED_PRECISIONS)
+        raise UserError(f"trainer.precision: {value!r} is not supported (expected null, {supported})")
+
 
 class CheckedLightningCLI(LightningCLI):
     """LightningCLI with the checks of the module doc run in `before_<subcommand>`."""
 
     def instantiate_trainer(self, **kwargs: Any):
+        check_precision({**self._get(self.config_init, "trainer", default={}), **kwargs}.get("precision"))
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError) as e:  # MisconfigurationException is a ValueError

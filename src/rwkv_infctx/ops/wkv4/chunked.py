@@ -42,6 +42,8 @@ the direct form works in groups of chunks with O(B·C·L² + B·T·C) temporarie
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -60,6 +62,22 @@ _FACTOR_LIMIT = {torch.float32: 40.0, torch.float64: 600.0}
 A factor that underflows (or an entry of E set to 0 below e^_EXP_FLOOR) then drops at most
 e^(_EXP_FLOOR + limit) of a row whose largest entry is 1: < 5e-21 in fp32, < 1e-43 in fp64.
 """
+
+
+def _without_autocast(fn):
+    """Run an autograd.Function's forward/backward with autocast off on the tensors' device.
+
+    Under autocast (trainer.precision: bf16-mixed) the chunk GEMMs would otherwise run in bf16 and
+    the op would lose the digits its fp32 compute dtype keeps; the reference op uses no autocast ops.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapper
 
 
 def _compute_dtype(k: Tensor) -> torch.dtype:
@@ -255,6 +273,7 @@ class WKV4Chunked(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, time_decay, time_first, k, v, aa, bb, pp, chunk_len=None):
         L = int(chunk_len or CHUNK_LEN)
         dt = _compute_dtype(k)
@@ -310,6 +329,7 @@ class WKV4Chunked(torch.autograd.Function):
         return _to_btc(y, k.dtype), states[-1, 0].t().clone(), states[-1, 1].t().clone(), pp_T
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, gy, gaa, gbb, gpp):
         td_dt, tf_dt, k_dt, v_dt, aa_dt, bb_dt, pp_dt = ctx.in_dtypes
         if ctx.T == 0:
