@@ -83,7 +83,7 @@ def test_auto_picks_the_newest_complete_checkpoint(tmp_path):
 
     from rwkv_infctx.training.checkpointing import resolve_ckpt_path
 
-    assert [p.name for p in checkpoint_candidates(Trainer())] == ["step=3.ckpt", "step=2.ckpt", "step=1.ckpt"]
+    assert [p.name for p in checkpoint_candidates(Trainer())] == ["step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
     assert Path(resolve_ckpt_path("auto", Trainer())).name == "step=2.ckpt"
     assert (
         resolve_ckpt_path("auto", type("Empty", (Trainer,), {"default_root_dir": str(tmp_path / "x")})())
