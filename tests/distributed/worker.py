@@ -8,7 +8,7 @@ in order: Lightning's DistributedSampler gives rank r the samples r, r + W, ...)
 OUT_DIR: `grads_rank{r}.pt` (the gradients of the first optimizer step, where the strategy keeps
 them in `.grad`), `final_rank{r}.pt` (the trained weights, gathered) and the Lightning checkpoint
 `last.ckpt` (a folder under DeepSpeed), and `fit_export.pth` (model.export at the end of fit).
-One validation batch runs at the end of the epoch.
+One validation batch runs at the end of the epoch. `--sample PROMPT` adds `GenerateSample` (greedy).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 from rwkv_infctx.data import RWKVDataModule
 from rwkv_infctx.data.collator import collate
 from rwkv_infctx.training.module import RWKVModule
+
+SAMPLE_TOKENS = 24
 
 
 def synthetic_samples(lengths: list[int], vocab: int, seed: int = 0) -> list[dict]:
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--ctx_len", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--sample", default=None, help="PROMPT: GenerateSample, greedy, 24 tokens")
     args = parser.parse_args()
 
     module = RWKVModule(
@@ -121,11 +124,20 @@ def main() -> None:
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=str(args.out),
-        callbacks=[CaptureGrads(args.out), RecordSamples(args.out)],
+        callbacks=[CaptureGrads(args.out), RecordSamples(args.out), *sample_callback(args.sample)],
     )
     trainer.fit(module, **loaders)
     trainer.save_checkpoint(args.out / "last.ckpt")
     torch.save(gathered_state(trainer, module), args.out / f"final_rank{trainer.global_rank}.pt")
+
+
+def sample_callback(prompt: str | None) -> list[pl.Callback]:
+    """[GenerateSample] continuing `prompt` greedily (the data's tokenizer), or none."""
+    if prompt is None:
+        return []
+    from rwkv_infctx.training.callbacks import GenerateSample
+
+    return [GenerateSample(prompt=prompt, max_tokens=SAMPLE_TOKENS, temperature=0.0)]
 
 
 def gathered_state(trainer: pl.Trainer, module: RWKVModule) -> dict[str, torch.Tensor]:

@@ -8,8 +8,9 @@ import time
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
+from rwkv_infctx.training.distributed import gathered_network
 from rwkv_infctx.training.throughput import device_peak_tflops, matmul_params, mfu
 
 
@@ -92,6 +93,9 @@ class StepMetrics(pl.Callback):
 class GenerateSample(pl.Callback):
     """At the end of fit, print a sample from the trained model (tokenizer: the data's).
 
+    Rank 0 generates; under ZeRO-3 every rank first gathers the full weights (the whole network must
+    fit on one device, as it must for a ZeRO-3 step here: docs/distributed.md).
+
     Args:
         prompt: Text the sample continues.
         max_tokens: Tokens to generate.
@@ -116,19 +120,26 @@ class GenerateSample(pl.Callback):
             seed,
         )
 
-    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
+        # every rank enters (gathering ZeRO-3's partitioned weights is a collective); rank 0 samples
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        with gathered_network(model, trainer.strategy) as network:
+            if trainer.is_global_zero:
+                self.print_sample(network, getattr(trainer.datamodule, "tokenizer_spec", None) or "neox")
+        model.train(was_training)
+
+    def print_sample(self, network, tokenizer_spec: str) -> None:
+        """Stream the sample to stdout (the header to stderr)."""
         from rwkv_infctx.generation import generate_text
         from rwkv_infctx.tokenizer import load_tokenizer
 
-        spec = getattr(trainer.datamodule, "tokenizer_spec", None) or "neox"
-        tokenizer = load_tokenizer(spec)
-        was_training = pl_module.model.training
-        pl_module.model.eval()
+        tokenizer = load_tokenizer(tokenizer_spec)
         print(f"\n--- sample ({self.max_tokens} tokens, temperature {self.temperature}) ---", file=sys.stderr)
         print(self.prompt, end="", flush=True)
         generate_text(
-            pl_module.model,
+            network,
             tokenizer,
             self.prompt,
             self.max_tokens,
@@ -138,4 +149,3 @@ class GenerateSample(pl.Callback):
             on_text=lambda s: print(s, end="", flush=True),
         )
         print(flush=True)
-        pl_module.model.train(was_training)

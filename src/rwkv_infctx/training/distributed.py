@@ -151,3 +151,15 @@ def full_weights(model: nn.Module, strategy: Any) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         yield
+
+
+@contextlib.contextmanager
+def gathered_network(network: nn.Module, strategy: Any) -> Iterator[Any]:
+    """`network` with its full weights, to run outside a training step (e.g. sampling on rank 0).
+
+    Every rank must enter: under ZeRO-3 the gather is a collective. Inside, any rank may call the
+    yielded network on its own: under ZeRO-3 it is `network` without DeepSpeed's hooks, whose forward
+    would otherwise gather (a collective the other ranks do not join) and release the weights again.
+    """
+    with full_weights(network, strategy):
+        yield _Unhooked(network) if zero_stage(strategy) == 3 else network
