@@ -3,13 +3,17 @@
     python bench/bptt.py exactness                 # gradient error vs unsegmented, fp32 and fp64
     python bench/bptt.py memory                    # peak RSS of one step at 4k/16k/64k tokens
     python bench/bptt.py throughput                # tokens/s: full vs unsegmented, 64k vs 4k
+    python bench/bptt.py memory --vocab_size 50277 --ctx_len 4096 --lengths 4096,16384 \
+        --modes full,full_unchunked                # the head's logits in chunks, or whole
 
 `memory` and `throughput` run every measurement in a fresh child process. For `memory` the child's
 environment tames glibc's allocator (MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0;
 see shared/NOTES-segments.md item 4), so peak RSS reflects live memory. `throughput` keeps the
 ordinary allocator: the tamed one returns every freed block to the OS, which taxes the segmented
 modes' many per-segment allocations with page faults and is not how training runs. Modes:
-    full         segmented, exact BPTT (bptt_step, bptt="full")
+    full         segmented, exact BPTT (bptt_step, bptt="full"); head and loss in chunks of
+                 loss_chunk positions (default 1024)
+    full_unchunked  the same with one chunk per segment (a whole segment's logits at once)
     truncated    segmented, state detached at each boundary (bptt_step, bptt="truncated")
     unsegmented  ordinary autograd over the whole sample (model(tokens) → loss → backward)
 """
@@ -31,6 +35,7 @@ from rwkv_infctx.model.init import init_weights
 from rwkv_infctx.training.loss import objective, segment_terms, token_count
 from rwkv_infctx.training.segments import bptt_step
 
+WHOLE_SEGMENT = 1 << 62
 TAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 
 
@@ -65,7 +70,10 @@ def unsegmented_step(model: RWKV4, batch) -> float:
 def train_step(model: RWKV4, batch, mode: str, ctx_len: int) -> float:
     if mode == "unsegmented":
         return unsegmented_step(model, batch)
-    proxy, report = bptt_step(model, batch, ctx_len, bptt=mode)
+    if mode == "full_unchunked":  # the head's logits of a whole segment at once
+        proxy, report = bptt_step(model, batch, ctx_len, loss_chunk=WHOLE_SEGMENT)
+    else:
+        proxy, report = bptt_step(model, batch, ctx_len, bptt=mode)
     proxy.backward()
     return report.loss
 

@@ -62,7 +62,7 @@ def chunk_columns(mask_BT: Tensor, chunk: int) -> list[slice]:
     if chunk <= 0:
         raise ValueError(f"loss chunk: {chunk} (expected a positive number of positions)")
     B, T = mask_BT.shape
-    width = max(1, chunk // max(B, 1))
+    width = min(max(1, chunk // max(B, 1)), max(T, 1))
     n = -(-T // width)
     live = torch.zeros(n * width, dtype=torch.bool, device=mask_BT.device)
     live[:T] = (mask_BT != 0).any(0)
