@@ -8,7 +8,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import save_model
@@ -54,6 +54,8 @@ class RWKVModule(pl.LightningModule):
         optimizer: adamw, adam, or sgd (plain SGD without momentum, for exactness checks).
         bptt: full (exact gradients across segments) or truncated (state detached at each boundary).
         grad_cp: Recompute each block's activations in backward (less memory per segment, ~30% slower).
+        compile: torch.compile each block's time-mix and channel-mix (the WKV op stays eager): fuses
+            token shift, mixing and activations; same results, compile time on the first steps.
         dropout: Dropout after each time-mix and channel-mix (0 disables it).
         seed: Seed of the initialisation of a new model.
         wkv_backend: WKV kernel: auto (fastest for the device) or reference.
@@ -86,6 +88,7 @@ class RWKVModule(pl.LightningModule):
         optimizer: OptimizerName = "adamw",
         bptt: BpttMode = "full",
         grad_cp: bool = False,
+        compile: bool = False,
         dropout: float = 0.0,
         seed: int = 0,
         wkv_backend: str = "auto",
@@ -124,6 +127,7 @@ class RWKVModule(pl.LightningModule):
         self.model = build_model(load_model, dims, dropout=dropout, seed=seed, wkv_backend=wkv_backend)
         self.last_report: StepReport | None = None
         self._zero3 = False
+        self._compiled = False
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Returns bptt_step's proxy (value 0); the real loss is logged by StepMetrics after backward."""
@@ -163,6 +167,13 @@ class RWKVModule(pl.LightningModule):
     def configure_callbacks(self):
         return [StepMetrics(self.hparams.peak_tflops), NanGuard(self.hparams.nan_policy), ResumeState()]
 
+    def configure_model(self) -> None:
+        """model.compile: once, before DDP or DeepSpeed wrap the module (Lightning calls this in fit,
+        validate and test)."""
+        if self.hparams.compile and not self._compiled:
+            compile_mixers(self.model)
+            self._compiled = True
+
     def setup(self, stage: str) -> None:
         """Refuse data whose token ids do not fit the model, before anything else runs."""
         check = getattr(self.trainer.datamodule, "check_vocab_size", None)
@@ -181,3 +192,17 @@ class RWKVModule(pl.LightningModule):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_model(self.model, path, self.hparams.export_dtype)
                 rank_zero_info(f"exported the final model to {path} ({self.hparams.export_dtype})")
+
+
+def compile_mixers(model: nn.Module) -> None:
+    """torch.compile every block's time-mix and channel-mix in place (state_dict keys unchanged).
+
+    Not whole blocks: block 0's ln0 branch makes dynamo specialise each block on its layer_id, and
+    the graph variants (layers × grad mode × shapes) pass its recompile limit in the first step. The
+    mixers are the same code in every layer, so all layers share their graphs. Shapes are compiled
+    dynamic, so a shorter last segment does not recompile; the WKV op is not compiled (a graph break
+    in the time-mix) and keeps its hand-written backward.
+    """
+    for block in model.blocks:
+        block.att.compile(dynamic=True)
+        block.ffn.compile(dynamic=True)

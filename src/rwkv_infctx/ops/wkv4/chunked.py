@@ -409,6 +409,7 @@ class WKV4Chunked(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable  # model.compile: the op stays eager (a graph break), its own backward kept
 def wkv4_chunked(
     time_decay: Tensor,
     time_first: Tensor,

@@ -133,6 +133,7 @@ class WKV4Reference(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable  # model.compile: the op stays eager (a graph break), its own backward kept
 def wkv4_reference(
     time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state: WKV4State
 ) -> tuple[Tensor, WKV4State]:
