@@ -4,6 +4,7 @@ On a CUDA machine, from the repository root (needs only torch and triton; import
 
     python bench/gpu_check.py                 # everything, well under 5 minutes on an H100/H200
     python bench/gpu_check.py --no-sweep      # timings with the default chunk/block only (faster)
+    python bench/gpu_check.py --parts c --out report.md   # part (c) only, report also to a file
 
 Here, without a GPU (tiny sizes, CPU, Triton interpreter; checks the script itself):
 
@@ -18,6 +19,24 @@ passes: k, v, y forward; k, v, y, gy, gk, gv backward) at the measured copy band
 chunk length L and channel block; the same kernels with L = T (one thread per channel walking the
 whole sequence, no parallelism over T) as an in-script per-channel baseline. Every case is caught and
 reported on its own; the exit status is 1 if any correctness case failed or errored.
+Measured ceilings (parts b and c): the copy bandwidth, the bf16 matmul rate at 8192^3 (median of 20)
+and the card's nominal dense bf16 peak (a table by device name; n/a when unknown).
+Part (c), the model end to end (bench/gpu_train_step.py): segmented exact BPTT (bptt_step) vs
+unsegmented autograd gradients of an L4 C512 V2048 model at T=2048 in 4 segments (fp32: <= 1e-4,
+counted as a correctness failure; fp32 weights under bf16 autocast and bf16 weights: printed
+tolerances); then a training step (forward + backward, bf16 weights and grads, no optimizer) of a
+1.5B-shaped RWKV-4 (L24, C2048, V50277) at B=1: (a) unsegmented T=4096 on the Triton WKV, (b) the
+same with a free WKV stub, (c) with the per-channel kernel (L = T), (d) exact segmented BPTT of a
+64k-token sample in 4096-token segments, grad_cp off and on, (e) as (d) with each block's att and
+ffn under torch.compile: tokens/s, peak memory, MFU over the measured matmul rate and the nominal peak.
+
+Expected times on an H100 (estimates: never run on a GPU yet): (a) 30-60 s (Triton compiles of
+each dtype and chunk length dominate), (b) 60-100 s with the sweep, (c) 40-60 s without (e),
+(e) 60-120 s (inductor compiles). --budget-s (default 285) bounds the whole run: part (b) stops
+starting timings once fewer than 120 s of it are left when (c) is selected, and each setting of (c)
+starts only with its estimated time left, so (e) runs only when (a) and (b) were quick (or with a
+larger --budget-s, e.g. 480). --parts a,b,c selects parts; --out FILE also writes the report
+(tracebacks excluded) to FILE.
 """
 
 from __future__ import annotations
@@ -40,6 +59,7 @@ ANCHOR_REF_MS = {(1, 4096, 2048): 2.48, (8, 4096, 2048): 2.80, (1, 4096, 4096): 
 GOAL_MS = {(1, 4096, 2048): 0.25, (8, 4096, 2048): 0.70, (1, 4096, 4096): 0.35, (8, 1024, 4096): 0.30}
 FLOOR_PASSES_FB = 9  # bf16 tensor passes of the f+b bytes floor (issue 5's table)
 FLOOR_PASSES_F = 3
+C_RESERVE_S = 120.0  # budget seconds kept for part (c) when it is selected
 
 
 def parse_args():
@@ -47,8 +67,19 @@ def parse_args():
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
     p.add_argument("--reps", type=int, default=20, help="timed runs per case (median reported)")
     p.add_argument("--no-sweep", action="store_true", help="time only the default chunk length and block")
-    p.add_argument("--budget-s", type=float, default=240.0, help="skip remaining timings after this")
-    return p.parse_args()
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=285.0,
+        help="wall-clock budget of the run: later timings are skipped",
+    )
+    p.add_argument("--parts", default="a,b,c", help="comma-separated parts to run: a, b, c")
+    p.add_argument("--out", default=None, help="also write the report (no tracebacks) to this file")
+    args = p.parse_args()
+    args.parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if not args.parts <= {"a", "b", "c"}:
+        p.error(f"--parts {','.join(sorted(args.parts))}: expected a comma-separated subset of a,b,c")
+    return args
 
 
 ARGS = parse_args()
@@ -69,10 +100,18 @@ from rwkv_infctx.ops.wkv4.triton_kernel import (  # noqa: E402
 T_START = time.perf_counter()
 DEV = torch.device("cpu" if ARGS.smoke else "cuda")
 FAILURES: list[str] = []
+REPORT: list[str] = []
 
 
 def log(msg: str = "") -> None:
     print(msg, flush=True)
+    REPORT.append(msg)
+
+
+def print_exc() -> None:
+    """A short traceback (last frames, last 1500 characters) on stderr: long ones would push the
+    tables out of a captured output tail."""
+    print(traceback.format_exc(limit=-4)[-1500:], file=sys.stderr, flush=True)
 
 
 def inputs(B, T, C, *, seed=0, fresh=False, device=DEV):
@@ -242,20 +281,15 @@ def time_shape(B, T, C, chunk, block, reps):
     return f_ms, b_ms, fb_ms, peak
 
 
-def main() -> int:
-    log(f"# WKV-4 Triton GPU check ({'SMOKE: CPU, Triton interpreter' if ARGS.smoke else 'CUDA'})")
-    import triton
+def short(e: BaseException) -> str:
+    """One line for a table cell (Triton compile errors run to pages)."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:200]}"
 
-    log(f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}")
-    if DEV.type == "cuda":
-        if not torch.cuda.is_available():
-            log("no CUDA device: run with --smoke on a CPU machine")
-            return 2
-        log(f"device: {torch.cuda.get_device_name()}")
-    log()
 
-    # (a) correctness
-    log("## Correctness (relative error = max |kernel - reference| / max |reference|, worst output)")
+def part_a() -> None:
+    """Correctness of the kernels against the reference; failures go to FAILURES."""
+    log("## (a) Correctness (relative error = max |kernel - reference| / max |reference|, worst output)")
     log()
     log("| case | (B, T, C) | dtypes | worst rel. error | tol | result | time |")
     log("|---|---|---|---|---|---|---|")
@@ -280,23 +314,59 @@ def main() -> int:
         try:
             check_case(name, B, T, C, seed=10 + i, **kw)
         except Exception as e:
-            FAILURES.append(f"{name} ({B},{T},{C}): {type(e).__name__}: {e}")
-            log(f"| {name} | ({B}, {T}, {C}) | | | | ERROR {type(e).__name__}: {e} | |")
-            traceback.print_exc()
+            FAILURES.append(f"{name} ({B},{T},{C}): {short(e)}")
+            log(f"| {name} | ({B}, {T}, {C}) | | | | ERROR {short(e)} | |")
+            print_exc()
     for B, T, C in [(1, 100, 32)] if ARGS.smoke else [(8, 4096, 2048), (1, 4096, 4096)]:
         for kd in (f32, bf16):
             try:
                 split_consistency(B, T, C, kd)
             except Exception as e:
-                FAILURES.append(f"split-consistency ({B},{T},{C}): {type(e).__name__}: {e}")
-                log(f"| split | ({B}, {T}, {C}) | {kd} | ERROR {type(e).__name__}: {e} | | | |")
-                traceback.print_exc()
+                FAILURES.append(f"split-consistency ({B},{T},{C}): {short(e)}")
+                log(f"| split | ({B}, {T}, {C}) | {kd} | ERROR {short(e)} | | | |")
+                print_exc()
     log()
 
-    # (b) timings
-    bw = copy_bandwidth()
+
+def matmul_tflops() -> float:
+    """bf16 matmul rate in TFLOP/s at n^3 (n = 8192 on a GPU), median of 20 runs."""
+    n = 256 if ARGS.smoke else 8192
+    a, b = (torch.randn(n, n, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
+    ms = timer(lambda: torch.matmul(a, b, out=c), 3 if ARGS.smoke else 20)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def ceilings() -> tuple[float | None, float | None, float | None]:
+    """(copy GB/s, measured bf16 matmul TFLOP/s, nominal dense bf16 TFLOP/s), None where unknown."""
+    from gpu_train_step import nominal_peak_tflops
+
+    res: list[float | None] = []
+    for fn in (copy_bandwidth, matmul_tflops):
+        try:
+            res.append(fn())
+        except Exception as e:
+            log(f"{fn.__name__} failed: {short(e)}")
+            print_exc()
+            res.append(None)
+    nominal = nominal_peak_tflops(torch.cuda.get_device_name()) if DEV.type == "cuda" else None
+    fmt = lambda x, spec: "n/a" if x is None else format(x, spec)  # noqa: E731
+    log("## Measured ceilings")
+    log()
+    log("| copy GB/s (read + write) | bf16 matmul TFLOP/s (8192^3, median of 20) | nominal dense bf16 |")
+    log("|---|---|---|")
+    log(f"| {fmt(res[0], '.0f')} | {fmt(res[1], '.0f')} | {fmt(nominal, '.0f')} |")
+    log()
+    log("issue 5's anchor (H200): 4277 GB/s, 694 TFLOP/s, nominal 989.")
+    log()
+    return res[0], res[1], nominal
+
+
+def part_b(bw: float) -> None:
+    """Kernel timings against the bytes floor; skipped settings are listed, not timed."""
     reps = 2 if ARGS.smoke else ARGS.reps
-    log(f"## Timings (bf16 k, v; median of {reps}; copy bandwidth measured here: {bw:.0f} GB/s)")
+    stop_at = ARGS.budget_s - (C_RESERVE_S if "c" in ARGS.parts else 0.0)
+    log(f"## (b) Timings (bf16 k, v; median of {reps}; copy bandwidth measured here: {bw:.0f} GB/s)")
     log()
     log(
         "floor = 9 bf16 passes over (B, T, C) for f+b (3 for fwd) at the copy bandwidth. This design moves "
@@ -316,7 +386,7 @@ def main() -> int:
             variants += [(L, bl) for L in (32, 64, 128) for bl in (None, 64, 256) if (L, bl) != variants[0]]
         variants.append((T, 32))  # per-channel baseline: one chunk, one thread per channel over all T
         for L, bl in variants:
-            if time.perf_counter() - T_START > ARGS.budget_s:
+            if time.perf_counter() - T_START > stop_at:
                 log(f"| ({B}, {T}, {C}) | {L} | {bl or 'default'} | skipped: time budget | | | | | |")
                 continue
             try:
@@ -329,12 +399,10 @@ def main() -> int:
                 if L != T and ((B, T, C) not in best or fb_ms < best[(B, T, C)][0]):
                     best[(B, T, C)] = (fb_ms, L, bl, f_ms)
             except Exception as e:
-                log(
-                    f"| ({B}, {T}, {C}) | {L} | {bl or 'default'} | ERROR {type(e).__name__}: {e} | | | | | |"
-                )
-                traceback.print_exc()
+                log(f"| ({B}, {T}, {C}) | {L} | {bl or 'default'} | ERROR {short(e)} | | | | | |")
+                print_exc()
     log()
-    log("## Summary against issue 5 (anchor: RWKV-LM v4 bf16 CUDA kernel, H200; compare only on an H200)")
+    log("## (b) Summary against issue 5 (anchor: RWKV-LM v4 bf16 CUDA kernel, H200; compare only on an H200)")
     log()
     log("| (B, T, C) | best f+b ms | L | block | fwd ms | goal ms | met | anchor ref ms | vs anchor |")
     log("|---|---|---|---|---|---|---|---|---|")
@@ -347,14 +415,56 @@ def main() -> int:
             f"| {anchor or 'n/a'} | {sp} |"
         )
     log()
+
+
+def part_c(matmul: float | None, nominal: float | None) -> None:
+    """The model end to end (bench/gpu_train_step.py), within what is left of the budget."""
+    from gpu_train_step import Bench, run_part_c
+
+    bench = Bench(DEV, ARGS.smoke, T_START + ARGS.budget_s, log, FAILURES, matmul, nominal)
+    try:
+        run_part_c(bench)
+    except Exception as e:  # each row catches its own; this is a last resort
+        FAILURES.append(f"part (c): {short(e)}")
+        log(f"part (c) stopped: {short(e)}")
+        print_exc()
+
+
+def main() -> int:
+    log(f"# WKV-4 Triton GPU check ({'SMOKE: CPU, Triton interpreter' if ARGS.smoke else 'CUDA'})")
+    import triton
+
+    log(f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}")
+    if DEV.type == "cuda":
+        if not torch.cuda.is_available():
+            log("no CUDA device: run with --smoke on a CPU machine")
+            return 2
+        log(f"device: {torch.cuda.get_device_name()}")
+    log(f"parts: {','.join(sorted(ARGS.parts))}; budget {ARGS.budget_s:.0f} s")
+    log()
+    if "a" in ARGS.parts:
+        part_a()
+    if ARGS.parts & {"b", "c"}:
+        bw, matmul, nominal = ceilings()
+        if "b" in ARGS.parts:
+            if bw is None:
+                log("## (b) skipped: no copy bandwidth")
+            else:
+                part_b(bw)
+        if "c" in ARGS.parts:
+            part_c(matmul, nominal)
     log(f"total time {time.perf_counter() - T_START:.0f} s")
+    status = 0
     if FAILURES:
         log("CORRECTNESS FAILURES:")
         for f in FAILURES:
             log(f"  - {f}")
-        return 1
-    log("all correctness checks passed")
-    return 0
+        status = 1
+    else:
+        log("all correctness checks passed")
+    if ARGS.out:
+        Path(ARGS.out).write_text("\n".join(REPORT) + "\n")
+    return status
 
 
 if __name__ == "__main__":
