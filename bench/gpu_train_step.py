@@ -447,13 +447,14 @@ def _run_setting(
 
 
 def _compile_blocks(model: nn.Module, backend: str) -> str:
-    """torch.compile each block's time-mix and channel-mix in place (token shift, mixing, sigmoid
-    gates, relu² fuse around the matmuls; WKV stays one opaque custom op). Whole blocks would be
-    recompiled per layer (dynamo specialises on the int `layer_id`) and hit the recompile limit."""
+    """torch.compile each block's time-mix and channel-mix in place, dynamic shapes, as the trainer's
+    `model.compile` does (training/module.py: compile_mixers, not imported here: it pulls in
+    Lightning). Token shift, mixing, gates and relu² fuse around the matmuls; the Triton WKV is one
+    opaque custom op. Whole blocks would be recompiled per layer (dynamo specialises on `layer_id`)."""
     for blk in model.blocks:
-        blk.att.compile(backend=backend)
-        blk.ffn.compile(backend=backend)
-    return f"torch.compile({backend}) of each att, ffn (compiles on the first step)"
+        blk.att.compile(backend=backend, dynamic=True)
+        blk.ffn.compile(backend=backend, dynamic=True)
+    return f"torch.compile({backend}, dynamic) of each att, ffn (compiles on the first step)"
 
 
 def _fmt(x: float | None, spec: str) -> str:
