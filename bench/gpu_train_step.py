@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import statistics
 import sys
 import time
@@ -378,6 +379,8 @@ def training_rows(b: Bench) -> None:
             res = _run_setting(b, model, batches[s.segmented], T, s, reps, warmup)
             b.results[s.key] = res
             b.log(_row(b, s, res, model.num_params(), note))
+            if not math.isfinite(res["loss"]):
+                b.failures.append(f"training step {s.label}: non-finite loss {res['loss']}")
         except Exception as e:
             msg = _short_exc(e)
             b.results[s.key] = {"error": msg}
@@ -465,7 +468,7 @@ def _row(b: Bench, s: Setting, r: dict, n: int, note: str) -> str:
     m1 = mfu(n, r["tok_s"], b.matmul_tflops)
     m2 = mfu(n, r["tok_s"], b.nominal_tflops)
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    finite = "" if r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") else " NON-FINITE LOSS"
+    finite = "" if math.isfinite(r["loss"]) else " NON-FINITE LOSS"
     note = "; ".join(x for x in (note, f"warm-up {r['warm_s']:.1f} s") if x)
     return (
         f"| {s.label} | {r['tokens']} | {r['step_s']:.3f} | {r['tok_s'] / 1e3:.2f}k "
