@@ -32,7 +32,7 @@ import torch
 
 from rwkv_infctx.model import RWKV4, RWKV4Config
 from rwkv_infctx.model.init import init_weights
-from rwkv_infctx.training.loss import objective, segment_terms, token_count
+from rwkv_infctx.training.loss import LOSS_CHUNK, objective, segment_terms, token_count
 from rwkv_infctx.training.segments import bptt_step
 
 WHOLE_SEGMENT = 1 << 62
@@ -67,13 +67,13 @@ def unsegmented_step(model: RWKV4, batch) -> float:
     return float(ce.detach()) / float(token_count(batch["loss_mask"]))
 
 
-def train_step(model: RWKV4, batch, mode: str, ctx_len: int) -> float:
+def train_step(model: RWKV4, batch, mode: str, ctx_len: int, loss_chunk: int = LOSS_CHUNK) -> float:
     if mode == "unsegmented":
         return unsegmented_step(model, batch)
     if mode == "full_unchunked":  # the head's logits of a whole segment at once
         proxy, report = bptt_step(model, batch, ctx_len, loss_chunk=WHOLE_SEGMENT)
     else:
-        proxy, report = bptt_step(model, batch, ctx_len, bptt=mode)
+        proxy, report = bptt_step(model, batch, ctx_len, bptt=mode, loss_chunk=loss_chunk)
     proxy.backward()
     return report.loss
 
@@ -116,7 +116,7 @@ def cmd_step(args) -> None:
     for _ in range(args.repeat):  # alternating: load from other processes hits every mode alike
         for mode in modes:
             t0 = time.perf_counter()
-            train_step(model, batch, mode, args.ctx_len)
+            train_step(model, batch, mode, args.ctx_len, args.loss_chunk)
             times[mode].append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -146,6 +146,8 @@ def run_child(args, mode: str, tokens: int, repeat: int, tame_malloc: bool) -> d
         args.wkv_backend,
         "--threads",
         str(args.threads),
+        "--loss_chunk",
+        str(args.loss_chunk),
     ]
     env = {**os.environ, **(TAME_MALLOC if tame_malloc else {})}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -157,7 +159,8 @@ def run_child(args, mode: str, tokens: int, repeat: int, tame_malloc: bool) -> d
 def _header(args) -> None:
     print(
         f"model L{args.n_layer} C{args.n_embd} V{args.vocab_size}, wkv_backend={args.wkv_backend}, "
-        f"ctx_len {args.ctx_len}, batch 1, fp32, CPU threads {args.threads}; one fresh process per cell"
+        f"ctx_len {args.ctx_len}, loss_chunk {args.loss_chunk}, batch 1, fp32, CPU threads {args.threads}; "
+        "one fresh process per cell"
     )
 
 
@@ -217,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--ctx_len", type=int, default=512)
         p.add_argument("--wkv_backend", default="auto")
         p.add_argument("--threads", type=int, default=torch.get_num_threads())
+        p.add_argument("--loss_chunk", type=int, default=LOSS_CHUNK, help="positions per loss chunk")
     args = parser.parse_args(argv)
     {"exactness": cmd_exactness, "memory": cmd_memory, "throughput": cmd_throughput, "step": cmd_step}[
         args.cmd

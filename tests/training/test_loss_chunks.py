@@ -7,7 +7,13 @@ import torch
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.model import RWKV4Config
-from rwkv_infctx.training.loss import chunk_columns, segment_terms
+from rwkv_infctx.training.loss import (
+    chunk_columns,
+    head_loss_grad,
+    objective,
+    objective_grad_,
+    segment_terms,
+)
 from rwkv_infctx.training.segments import bptt_step, evaluate_loss
 from tests.conftest import random_model
 
@@ -81,3 +87,26 @@ def test_chunk_columns_cover_every_unmasked_column_once():
     assert chunk_columns(torch.zeros(2, 5), 4) == []
     with pytest.raises(UserError, match="loss_chunk"):
         bptt_step(random_model(CFG), make_batch([8], CFG.vocab_size), 4, loss_chunk=0)
+
+
+def test_written_out_logit_gradient_is_autograds():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 7, 13, generator=gen, dtype=torch.float64) * 4
+    targets = torch.randint(0, 13, (3, 7), generator=gen)
+    mask = torch.rand(3, 7, generator=gen, dtype=torch.float64).round() * 0.75  # weights, some 0
+    n, grad_out = mask.sum(), torch.tensor(0.3, dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    ce, l2 = segment_terms(x, targets, mask)
+    (expected,) = torch.autograd.grad(objective(ce, l2, n), x, grad_out)
+    got = logits.clone()
+    got[mask == 0] = float("nan")  # masked positions bring in nothing, not even NaN
+    ce_sum = objective_grad_(got, targets, mask, grad_out / n)
+    assert float(ce_sum) == pytest.approx(float(ce.detach()), rel=1e-13)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-16)
+
+
+def test_a_head_that_needs_its_output_in_backward_is_refused():
+    head = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Tanh())  # tanh saves its output
+    h, targets, mask = torch.randn(1, 5, 4), torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5)
+    with pytest.raises(RuntimeError, match="inplace"):
+        head_loss_grad(head, h, targets, mask, mask.sum(), torch.ones(()), 2)

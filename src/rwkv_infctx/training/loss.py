@@ -114,12 +114,46 @@ def _chunk_grad(
 ) -> tuple[Tensor, tuple[Tensor | None, ...], Tensor]:
     # a function of its own: the chunk's logits and their graph are freed on return
     h = h_BtC.detach().requires_grad_()
-    ce, l2 = segment_terms(head(h), targets_Bt, mask_Bt)
-    loss = objective(ce, l2, n_tokens)
-    g_h, *g_params = torch.autograd.grad(
-        loss, [h, *params], grad_out.to(loss.dtype).reshape(()), allow_unused=True
-    )
-    return g_h, tuple(g_params), ce.detach()
+    logits = head(h)
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scale = grad_out.to(dt).reshape(()) / n_tokens.clamp_min(1).to(dt)
+    # the logits become their own gradient; were they needed by the head's backward, autograd
+    # would refuse (the in-place write bumps their version counter)
+    ce = objective_grad_(logits.detach(), targets_Bt, mask_Bt, scale)
+    g_h, *g_params = torch.autograd.grad(logits, [h, *params], logits.detach(), allow_unused=True)
+    return g_h, tuple(g_params), ce
+
+
+@torch.no_grad()
+def objective_grad_(logits_BtV: Tensor, targets_Bt: Tensor, mask_Bt: Tensor, scale: Tensor) -> Tensor:
+    """ce_sum (as `segment_terms`); the logits are overwritten with scale × d(ce_sum + L2WRAP_FACTOR ·
+    l2_sum)/d(logits), that is scale · mask · (softmax − onehot(target) + L2WRAP_FACTOR · max ·
+    onehot(argmax)), computed in place (float32 for half-precision logits, float64 for float64).
+
+    The gradient of `objective` (times N · scale) written out, so that a chunk costs one (B, t, V)
+    buffer (two for half precision) instead of the log-softmax and gradient buffers of autograd.
+    """
+    V = logits_BtV.shape[-1]
+    dt = torch.float64 if logits_BtV.dtype == torch.float64 else torch.float32
+    z = logits_BtV.reshape(-1, V).to(dt)  # the logits themselves unless half precision
+    rows = torch.arange(z.shape[0], device=z.device)
+    targets = targets_Bt.reshape(-1)
+    mask = mask_Bt.reshape(-1).to(dt)
+    live = mask != 0
+    z_target = z[rows, targets]
+    z_max, argmax = z.max(dim=-1)
+    z.sub_(z_max[:, None]).exp_()
+    total = z.sum(dim=-1)
+    z.div_(total[:, None])  # softmax
+    ce = z_max + total.log() - z_target
+    # where() and not a product: a masked position can never bring in inf or NaN
+    ce_sum = torch.where(live, ce * mask, 0.0).sum()
+    z[rows, targets] -= 1.0
+    z[rows, argmax] += L2WRAP_FACTOR * z_max
+    z.mul_(torch.where(live, mask * scale, 0.0)[:, None]).masked_fill_(~live[:, None], 0.0)
+    if z.data_ptr() != logits_BtV.data_ptr():
+        logits_BtV.copy_(z.view(logits_BtV.shape))
+    return ce_sum
 
 
 @torch.no_grad()
