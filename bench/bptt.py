@@ -5,6 +5,8 @@
     python bench/bptt.py throughput                # tokens/s: full vs unsegmented, 64k vs 4k
     python bench/bptt.py memory --vocab_size 50277 --ctx_len 4096 --lengths 4096,16384 \
         --modes full,full_unchunked                # the head's logits in chunks, or whole
+    python bench/bptt.py compare --against OLD/src/rwkv_infctx/training/segments.py
+                                                   # tokens/s of this bptt_step and another's
 
 `memory` and `throughput` run every measurement in a fresh child process. For `memory` the child's
 environment tames glibc's allocator (MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0;
@@ -189,6 +191,39 @@ def cmd_throughput(args) -> None:
         print(f"{'full/unseg':12}" + "".join(f"{x:>12.2f}" for x in ratio))
 
 
+# ---- compare: this bptt_step against another version's, in one process -------------------------
+def cmd_compare(args) -> None:
+    """Alternate this `bptt_step` and the one of the `segments.py` at `--against` (e.g. a git worktree
+    of an earlier commit; it runs against this checkout's model and loss modules); best of repeat."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("other_segments", args.against)
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # dataclasses look their module up
+    spec.loader.exec_module(other)
+    torch.set_num_threads(args.threads)
+    model = make_model(args)
+    batch = make_batch([args.tokens], args.vocab_size, seed=1)
+    steps = {"other": other.bptt_step, "this": bptt_step}
+    seconds: dict[str, list[float]] = {k: [] for k in steps}
+    got = {}
+    for _ in range(args.repeat):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            proxy, _ = step(model, batch, args.ctx_len)
+            proxy.backward()
+            seconds[name].append(time.perf_counter() - t0)
+            got[name] = grads(model)
+    err = float((got["this"] - got["other"]).abs().max() / got["other"].abs().max())
+    rate = {k: args.tokens / min(v) for k, v in seconds.items()}
+    print(
+        f"model L{args.n_layer} C{args.n_embd} V{args.vocab_size}, ctx_len {args.ctx_len}, "
+        f"{args.tokens} tokens, best of {args.repeat}: other {rate['other']:.0f} tok/s, "
+        f"this {rate['this']:.0f} tok/s, this/other {rate['this'] / rate['other']:.2f}; "
+        f"max rel. grad difference {err:.1e}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -212,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             repeat=2,
         ),
         "step": dict(n_layer=2, n_embd=256, vocab_size=1024, tokens=4096, mode="full", repeat=1),
+        "compare": dict(n_layer=4, n_embd=128, vocab_size=50277, tokens=8192, repeat=3, against=""),
     }
     for name, defaults in specs.items():
         p = sub.add_parser(name)
@@ -222,9 +258,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--threads", type=int, default=torch.get_num_threads())
         p.add_argument("--loss_chunk", type=int, default=LOSS_CHUNK, help="positions per loss chunk")
     args = parser.parse_args(argv)
-    {"exactness": cmd_exactness, "memory": cmd_memory, "throughput": cmd_throughput, "step": cmd_step}[
-        args.cmd
-    ](args)
+    commands = {
+        "exactness": cmd_exactness,
+        "memory": cmd_memory,
+        "throughput": cmd_throughput,
+        "step": cmd_step,
+        "compare": cmd_compare,
+    }
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
