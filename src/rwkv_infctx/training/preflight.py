@@ -3,8 +3,8 @@
 Before `fit`, `validate` or `test` starts (so before any log folder, checkpoint or data_path):
 - Trainer arguments Lightning rejects (an unknown strategy, accelerator, precision) become one line;
 - trainer.precision must be one this trainer supports (`SUPPORTED_PRECISIONS`; docs/training.md);
-- `ckpt_path: auto` is resolved to the newest complete checkpoint, an explicit one must exist
-  (`training.checkpointing.resolve_ckpt_path`);
+- `ckpt_path: auto` is resolved to the complete checkpoint with the highest global step, an explicit
+  one must exist (`training.checkpointing.resolve_ckpt_path`);
 - the output folders (default_root_dir, the loggers' save_dir, checkpoint dirpaths, model.export's
   folder) must be creatable;
 - a prepared data_path whose token ids do not fit model.vocab_size is refused.
