@@ -19,6 +19,8 @@ The head's logits (B, T, V) of a whole segment would dominate its memory (V is ~
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -78,12 +80,16 @@ def head_loss_grad(
     n_tokens: Tensor,
     grad_out: Tensor,
     chunk: int = LOSS_CHUNK,
+    *,
+    param_grad: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, list[Tensor | None], Tensor]:
     """The objective of hidden states under `head`, differentiated eagerly, chunk by chunk.
 
     Returns (dh_BTC, head_grads, ce_sum): the objective's gradient (times `grad_out`) w.r.t. h, and
     w.r.t. each of head's parameters that requires grad (None if unused; half precision accumulated
     in float32); ce_sum as in `segment_terms`, detached. Only one chunk's logits exist at a time.
+    With `param_grad`, each chunk's gradient of the k-th such parameter is handed to
+    `param_grad(k, g)` instead, and head_grads is all None (the caller sums them: `bptt_step`).
     """
     params = [p for p in head.parameters() if p.requires_grad]
     h = h_BTC.detach()
@@ -97,9 +103,12 @@ def head_loss_grad(
         dh[:, cols] = g_h
         ce_sum += ce
         for j, g in enumerate(g_params):
-            if g is not None:
+            if g is not None and param_grad is not None:
+                param_grad(j, g)
+            elif g is not None:
                 g = g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
                 grads[j] = g if grads[j] is None else grads[j].add_(g)
+        g_params = g = None  # this chunk's head gradients are freed before the next chunk's exist
     return dh, grads, ce_sum
 
 

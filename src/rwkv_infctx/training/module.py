@@ -25,7 +25,15 @@ from rwkv_infctx.training.distributed import (
 )
 from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
 from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
-from rwkv_infctx.training.segments import BpttMode, StepReport, bptt_step, check_token_ids, evaluate_loss
+from rwkv_infctx.training.segments import (
+    BpttMode,
+    GradAccumDtype,
+    StepReport,
+    bptt_step,
+    check_grad_accum_dtype,
+    check_token_ids,
+    evaluate_loss,
+)
 
 
 class RWKVModule(pl.LightningModule):
@@ -54,6 +62,9 @@ class RWKVModule(pl.LightningModule):
         optimizer: adamw, adam, or sgd (plain SGD without momentum, for exactness checks).
         bptt: full (exact gradients across segments) or truncated (state detached at each boundary).
         grad_cp: Recompute each block's activations in backward (less memory per segment, ~30% slower).
+        grad_accum_dtype: dtype of the gradient sums over a sample's segments: float32 (half-precision
+            gradients summed in fp32) or param (in each parameter's dtype: with bf16 weights half the
+            memory, each segment's gradient rounded to bf16 once).
         compile: torch.compile each block's time-mix and channel-mix (the WKV op stays eager): fuses
             token shift, mixing and activations; same results, compile time on the first steps.
         dropout: Dropout after each time-mix and channel-mix (0 disables it).
@@ -88,6 +99,7 @@ class RWKVModule(pl.LightningModule):
         optimizer: OptimizerName = "adamw",
         bptt: BpttMode = "full",
         grad_cp: bool = False,
+        grad_accum_dtype: GradAccumDtype = "float32",
         compile: bool = False,
         dropout: float = 0.0,
         seed: int = 0,
@@ -105,6 +117,7 @@ class RWKVModule(pl.LightningModule):
             raise UserError(
                 f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)"
             )
+        check_grad_accum_dtype(grad_accum_dtype)
         self.optim = OptimConfig(
             optimizer,
             lr_init,
@@ -137,7 +150,17 @@ class RWKVModule(pl.LightningModule):
         n_all, world = global_token_norm(batch["loss_mask"], self.trainer.strategy)
 
         def step(net, anchor):
-            return bptt_step(net, batch, hp.ctx_len, hp.ctx_len_cutoff, hp.bptt, hp.grad_cp, n_all, anchor)
+            return bptt_step(
+                net,
+                batch,
+                hp.ctx_len,
+                hp.ctx_len_cutoff,
+                hp.bptt,
+                hp.grad_cp,
+                n_all,
+                anchor,
+                grad_accum_dtype=hp.grad_accum_dtype,
+            )
 
         proxy, self.last_report = run_on_network(self.model, step, self._zero3, batch["input_ids"].device)
         return proxy * world if world != 1 else proxy

@@ -12,9 +12,15 @@ gradient of unsegmented backpropagation through the whole sample:
 - backward: segments in reverse order. Each is recomputed from its saved input state with grad
   enabled, up to its final hidden states h (B, T, C). The head and the loss are differentiated
   eagerly, a chunk of positions at a time (`loss.head_loss_grad`), so a segment's logits never exist
-  all at once; this gives dL/dh and the head's gradients. Then one `torch.autograd.grad` of
-  `<h_i, dL/dh_i> + <out_state_i, dL/d out_state_i>` gives the other parameter gradients
-  (accumulated) and the gradient of its input state, which is handed to the previous segment.
+  all at once; this gives dL/dh and the head's gradients. Then one backward of
+  `<h_i, dL/dh_i> + <out_state_i, dL/d out_state_i>` gives the other parameter gradients and the
+  gradient of its input state, which is handed to the previous segment.
+- gradients stream into one accumulator per parameter (`_GradSums`) as autograd produces them:
+  during the sweep the model's parameters are replaced by detached aliases (leaves sharing their
+  storage, no copy) whose post-accumulate hooks move each gradient into its accumulator and drop it,
+  so no second full set of gradients ever exists (`_aliased_params`). The node returns the sums at
+  the end, converted and released one at a time; the real parameters' AccumulateGrad nodes (DDP's and
+  DeepSpeed's hooks) see them once, then. `grad_accum_dtype` picks the accumulators' dtype.
 
 So one segment's graph is alive at a time, and the cost is one state-only forward plus an ordinary
 forward and backward: about 3F + F_state against 3F unsegmented (docs/training.md has measurements).
@@ -41,6 +47,7 @@ What is asked of a model (RWKV-4 here; later versions implement the same three m
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -54,6 +61,11 @@ from rwkv_infctx.training.loss import LOSS_CHUNK, head_loss_grad, head_loss_valu
 
 BpttMode = Literal["full", "truncated"]
 BPTT_MODES = ("full", "truncated")
+GradAccumDtype = Literal["float32", "param"]
+GRAD_ACCUM_DTYPES = ("float32", "param")
+"""float32: half-precision gradients are summed over segments in fp32 (fp32 and fp64 ones in their
+own dtype) and returned in the parameter's dtype. param: summed in the parameter's own dtype (with
+bf16 weights half the accumulator memory; each segment's bf16 gradient is rounded into the sum)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,7 @@ def bptt_step(
     anchor: Tensor | None = None,
     *,
     loss_chunk: int = LOSS_CHUNK,
+    grad_accum_dtype: GradAccumDtype = "float32",
 ) -> tuple[Tensor, StepReport]:
     """(proxy, report) for one micro-batch; `proxy.backward()` computes the exact gradients.
 
@@ -155,15 +168,19 @@ def bptt_step(
     under data parallelism, the count over all ranks (`training.distributed`). `anchor`, a scalar that
     requires grad, becomes one more input of the autograd node (its gradient is 0), so that a hook on
     its gradient runs once the parameters' gradients exist (DeepSpeed ZeRO-3's leaf-module reduction).
-    `loss_chunk`: positions (rows × columns) whose logits exist at a time. The module doc lists
-    what is asked of the model.
+    `loss_chunk`: positions (rows × columns) whose logits exist at a time. `grad_accum_dtype`: the
+    dtype of the per-parameter gradient sums over segments (`GRAD_ACCUM_DTYPES`). The module doc
+    lists what is asked of the model.
     """
     _check_loss_chunk(loss_chunk)
+    check_grad_accum_dtype(grad_accum_dtype)
     inputs, targets, mask = unpack_batch(batch)
     B, T = inputs.shape
     segments = plan_segments(T, ctx_len, ctx_len_cutoff, bptt)
     report = StepReport(n_tokens=float(token_count(mask)), n_segments=len(segments), tokens=B * T)
-    run = _SegmentedRun(model, inputs, targets, mask, segments, grad_cp, report, n_norm, loss_chunk)
+    run = _SegmentedRun(
+        model, inputs, targets, mask, segments, grad_cp, report, n_norm, loss_chunk, grad_accum_dtype
+    )
     return _SegmentedBPTT.apply(run, *run.params, *([] if anchor is None else [anchor])), report
 
 
@@ -198,6 +215,12 @@ def _check_loss_chunk(loss_chunk: int) -> None:
         raise UserError(f"loss_chunk: {loss_chunk} (expected a positive number of positions)")
 
 
+def check_grad_accum_dtype(value: str) -> None:
+    """UserError unless `value` is one of GRAD_ACCUM_DTYPES."""
+    if value not in GRAD_ACCUM_DTYPES:
+        raise UserError(f"model.grad_accum_dtype: {value!r} (expected one of {', '.join(GRAD_ACCUM_DTYPES)})")
+
+
 class _SegmentedBPTT(torch.autograd.Function):
     """One autograd node per micro-batch; its inputs are the parameters (and the anchor, if any),
     its output the proxy."""
@@ -228,6 +251,7 @@ class _SegmentedRun:
     report: StepReport
     n_norm: Tensor | None = None
     loss_chunk: int = LOSS_CHUNK
+    grad_accum_dtype: GradAccumDtype = "float32"
     in_states: list[RecurrentState | None] = field(default_factory=list)
     rng_states: list[tuple[Tensor, Tensor | None] | None] = field(default_factory=list)
 
@@ -259,7 +283,13 @@ class _SegmentedRun:
 
     def backward_pass(self, grad_out: Tensor) -> list[Tensor]:
         """Reverse sweep; returns the parameter gradients, scaled by grad_out."""
-        grads: list[Tensor | None] = [None] * len(self.params)
+        sums = _GradSums(self.params, self.grad_accum_dtype)
+        with _aliased_params(self.model, self.params, sums) as aliases:
+            self._sweep(grad_out, sums, aliases)
+        return sums.take()
+
+    def _sweep(self, grad_out: Tensor, sums: _GradSums, aliases: list[Tensor]) -> None:
+        """The segments in reverse; parameter gradients land in `sums` (the aliases' hooks)."""
         state_grad: tuple[Tensor | None, ...] | None = None
         ce_total = 0.0
         for i in reversed(range(len(self.segments))):
@@ -272,30 +302,31 @@ class _SegmentedRun:
             if wants_state_grad:
                 state = state.map(lambda t, f: t.detach().requires_grad_())
             with torch.enable_grad(), self._replay(i):
-                outputs, out_grads, ce_sum, head_grads = self._segment_graph(
-                    seg, state, has_tokens, state_grad, grad_out
+                outputs, out_grads, ce_sum = self._segment_graph(
+                    seg, state, has_tokens, state_grad, grad_out, sums
                 )
             ce_total += ce_sum
-            for j, g in zip(self.head_index, head_grads, strict=True):
-                _accumulate(grads, j, g)
-            inputs = self.params + (list(state.tensors()) if wants_state_grad else [])
-            got = torch.autograd.grad(outputs, inputs, out_grads, allow_unused=True) if outputs else ()
-            for j, g in enumerate(got[: len(self.params)]):
-                _accumulate(grads, j, g)
-            state_grad = tuple(got[len(self.params) :]) if wants_state_grad and got else None
+            state_in = list(state.tensors()) if wants_state_grad else []
+            if outputs:
+                # accumulates into the aliases (their hooks move it to `sums`) and the state leaves
+                torch.autograd.backward(outputs, out_grads, inputs=[*aliases, *state_in])
+            state_grad = tuple(t.grad for t in state_in) if wants_state_grad and outputs else None
         self.report.ce_sum = ce_total
-        return [
-            torch.zeros_like(p) if g is None else g.to(p.dtype)
-            for p, g in zip(self.params, grads, strict=True)
-        ]
 
     def _segment_graph(
-        self, seg: Segment, state: RecurrentState, has_tokens: bool, state_grad, grad_out: Tensor
-    ) -> tuple[list[Tensor], list[Tensor], float, list[Tensor | None]]:
-        """Recompute one segment with grad, its head and loss chunk by chunk (differentiated here).
+        self,
+        seg: Segment,
+        state: RecurrentState,
+        has_tokens: bool,
+        state_grad,
+        grad_out: Tensor,
+        sums: _GradSums,
+    ) -> tuple[list[Tensor], list[Tensor], float]:
+        """Recompute one segment with grad, its head and loss chunk by chunk (differentiated here;
+        the head's gradients go to `sums` chunk by chunk).
 
-        Returns the outputs still to differentiate (h, out-state tensors), their incoming grads,
-        the segment's ce_sum and the gradients of the head's parameters (in `head_index` order).
+        Returns the outputs still to differentiate (h, out-state tensors), their incoming grads
+        and the segment's ce_sum.
         """
         cols = slice(seg.start, seg.end)
         h, out_state = self.model.hidden(
@@ -304,9 +335,8 @@ class _SegmentedRun:
         outputs: list[Tensor] = []
         out_grads: list[Tensor] = []
         ce_value = 0.0
-        head_grads: list[Tensor | None] = [None] * len(self.head_index)
         if has_tokens:
-            dh, head_grads, ce_sum = head_loss_grad(
+            dh, _, ce_sum = head_loss_grad(
                 self.model.head,
                 h,
                 self.targets[:, cols],
@@ -314,6 +344,7 @@ class _SegmentedRun:
                 self.n_tokens,
                 grad_out,
                 self.loss_chunk,
+                param_grad=lambda k, g: sums.add(self.head_index[k], g),
             )
             if h.requires_grad:
                 outputs.append(h)
@@ -324,7 +355,7 @@ class _SegmentedRun:
                 if g is not None and t.requires_grad:
                     outputs.append(t)
                     out_grads.append(g)
-        return outputs, out_grads, ce_value, head_grads
+        return outputs, out_grads, ce_value
 
     @contextlib.contextmanager
     def _replay(self, i: int) -> Iterator[None]:
@@ -340,11 +371,70 @@ class _SegmentedRun:
             yield
 
 
-def _accumulate(grads: list[Tensor | None], j: int, g: Tensor | None) -> None:
-    """grads[j] += g, in float32 for half-precision gradients."""
-    if g is not None:
-        g = g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
-        grads[j] = g if grads[j] is None else grads[j].add_(g)
+class _GradSums:
+    """One gradient accumulator per parameter, filled segment by segment (`add`), emptied by `take`."""
+
+    def __init__(self, params: list[Tensor], mode: GradAccumDtype) -> None:
+        self.params = params
+        half = (torch.bfloat16, torch.float16)
+        self.dtypes = [torch.float32 if mode == "float32" and p.dtype in half else p.dtype for p in params]
+        self.sums: list[Tensor | None] = [None] * len(params)
+
+    def add(self, j: int, g: Tensor) -> None:
+        """sums[j] += g; the first gradient is adopted as the sum when it has the sum's dtype (as
+        AccumulateGrad adopts a parameter's first gradient)."""
+        s = self.sums[j]
+        if s is None:
+            self.sums[j] = g.to(self.dtypes[j])
+        else:
+            s.add_(g)
+
+    def take(self) -> list[Tensor]:
+        """The sums in the parameters' dtypes (zeros where no gradient came), each accumulator
+        converted and released before the next: at most one extra parameter-sized tensor at a time."""
+        out = []
+        for j, p in enumerate(self.params):
+            s, self.sums[j] = self.sums[j], None
+            out.append(torch.zeros_like(p) if s is None else s.to(p.dtype))  # same dtype: no copy
+        return out
+
+
+@contextlib.contextmanager
+def _aliased_params(model: nn.Module, params: list[Tensor], sums: _GradSums) -> Iterator[list[Tensor]]:
+    """Inside, every module holds, in place of each parameter in `params`, a detached alias: a leaf
+    sharing the parameter's storage (no copy) whose post-accumulate hook moves its gradient into
+    `sums` and drops it. Yields the aliases, in `params` order.
+
+    Why leaves: the engine runs AccumulateGrad nodes as soon as their gradient is complete, so each
+    segment gradient is summed and freed right after the op that produced it. (An identity Function
+    applied to each parameter before the recompute would run last: the engine picks ready nodes by
+    descending creation order, so every gradient would wait, alive, for the whole segment.)
+    The real parameters stay out of the sweep's graphs, so their hooks (DDP, DeepSpeed) run once, when
+    the node returns the sums. The modules' `_parameters` entries are swapped (what
+    torch.func.functional_call does) and restored on exit, also on error.
+    """
+    aliases = [p.detach().requires_grad_() for p in params]
+    for j, a in enumerate(aliases):
+        a.register_post_accumulate_grad_hook(functools.partial(_move_grad, sums, j))
+    by_id = {id(p): a for p, a in zip(params, aliases, strict=True)}
+    swapped = [
+        (m, name, p)
+        for m in model.modules()
+        for name, p in m._parameters.items()
+        if p is not None and id(p) in by_id
+    ]
+    try:
+        for m, name, p in swapped:
+            m._parameters[name] = by_id[id(p)]
+        yield aliases
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def _move_grad(sums: _GradSums, j: int, alias: Tensor) -> None:
+    g, alias.grad = alias.grad, None
+    sums.add(j, g)
 
 
 def _drop_idle_tails(segments: list[Segment], mask: Tensor) -> tuple[list[Segment], list[int]]:
