@@ -57,7 +57,17 @@ TOL_FP32 = 1e-4
 NOISE_MULT = 2.0
 FLOOR_MAX = {"autocast": 2e-2, "bf16": 1e-1}
 # estimated seconds on an H100 per setting (budget guard: a setting starts only with this much left)
-EST_S = {"correctness": 30, "build": 10, "a": 8, "b": 6, "c": 12, "d": 20, "d_cp": 25, "e": 100}
+EST_S = {
+    "correctness": 30,
+    "build": 10,
+    "a": 8,
+    "b": 6,
+    "c": 12,
+    "d": 20,
+    "d_cp": 25,
+    "d_param": 25,
+    "e": 100,
+}
 
 
 @dataclass
@@ -173,9 +183,13 @@ def whole_step(model: nn.Module, batch: dict[str, Tensor]) -> float:
     return float(ce_sum.detach()) / float(n)
 
 
-def segmented_step(model: nn.Module, batch: dict[str, Tensor], ctx_len: int, grad_cp: bool) -> float:
+def segmented_step(
+    model: nn.Module, batch: dict[str, Tensor], ctx_len: int, grad_cp: bool, grad_accum_dtype: str = "float32"
+) -> float:
     """Exact segmented BPTT through `bptt_step`; the mean cross-entropy."""
-    proxy, report = bptt_step(model, batch, ctx_len=ctx_len, grad_cp=grad_cp)
+    proxy, report = bptt_step(
+        model, batch, ctx_len=ctx_len, grad_cp=grad_cp, grad_accum_dtype=grad_accum_dtype
+    )
     proxy.backward()
     return float(report.loss)
 
@@ -331,6 +345,8 @@ class Setting:
     segmented: bool
     grad_cp: bool = False
     wkv: Callable | None = None
+    grad_accum_dtype: str = "float32"
+    """bptt_step's gradient sums over segments: float32, or param (bf16 here: half the memory)."""
     """A replacement for the WKV dispatch (None: the model's own, the Triton kernel)."""
 
 
@@ -363,6 +379,9 @@ def training_rows(b: Bench) -> None:
         Setting("c", "(c) (a) with per-channel WKV (L = T)", False, wkv=per_channel_wkv),
         Setting("d", f"(d) {seg}, grad_cp off", True),
         Setting("d_cp", f"(d) {seg}, grad_cp on", True, grad_cp=True),
+        Setting(
+            "d_param", f"(d) {seg}, grad_cp on, bf16 gradient sums", True, True, grad_accum_dtype="param"
+        ),
         Setting("e", f"(e) {seg}, att/ffn compiled", True),
     ]
     b.log("| setting | tokens/step | step s | tok/s | peak GiB | MFU measured | MFU nominal | loss | note |")
@@ -396,8 +415,9 @@ def training_rows(b: Bench) -> None:
 def _describe(b: Bench, n: int, reps: int, warmup: int) -> None:
     b.log(
         f"N = {n / 1e9:.3f}B parameters ({n * 2 / 2**30:.2f} GiB of bf16 weights). One step = forward + "
-        "backward of CE + L2Wrap with bf16 weights and bf16 .grad (bptt_step accumulates its gradients "
-        "in fp32 before writing .grad); no optimizer step, no optimizer states. "
+        "backward of CE + L2Wrap with bf16 weights and bf16 .grad (bptt_step sums its per-segment "
+        "gradients in fp32, in bf16 where the row says bf16 gradient sums); no optimizer step, no "
+        "optimizer states. "
         f"{warmup} warm-up step(s), then the median of {reps} CUDA-synchronised wall-clock steps. "
         "Peak memory = torch.cuda.max_memory_allocated over the timed steps (weights included). "
         "MFU = 6·N·tok/s (the segmented step also runs a state-only forward, not counted) over the "
@@ -415,7 +435,7 @@ def _run_setting(
     def step() -> float:
         model.zero_grad(set_to_none=True)
         if s.segmented:
-            return segmented_step(model, batch, ctx_len, s.grad_cp)
+            return segmented_step(model, batch, ctx_len, s.grad_cp, s.grad_accum_dtype)
         return whole_step(model, batch)
 
     cm = patched_wkv(s.wkv) if s.wkv else contextlib.nullcontext([1])
@@ -488,7 +508,7 @@ def _summary(b: Bench) -> None:
         )
     if ok("a") and ok("c"):
         b.log(f"- per-channel WKV (L = T) step / chunked step: {r['c']['step_s'] / r['a']['step_s']:.2f}x")
-    for k in ("d", "d_cp", "e"):
+    for k in ("d", "d_cp", "d_param", "e"):
         if ok(k):
             tok, peak = r[k]["tok_s"], r[k]["peak_gib"]
             met = (
