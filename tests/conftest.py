@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -26,6 +28,17 @@ def random_model(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> RWKV4:
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
     return model.to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test sees the environment the session started with: an in-process `fit` leaves
+    Lightning's PL_GLOBAL_SEED and PL_SEED_WORKERS behind, and rank subprocesses launched by later
+    tests would inherit them (tests/distributed then trained differently in some test orders)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
