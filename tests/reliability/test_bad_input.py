@@ -115,6 +115,8 @@ CASES = [
     Case("batch_size 0", lambda e: e.fit("--data.batch_size", "0"), "data.batch_size", "expected at least 1"),
     # config values
     Case("ctx_len 0", lambda e: e.fit("--model.ctx_len", "0"), "model.ctx_len", "expected a positive"),
+    Case("loss_chunk 0", lambda e: e.fit("--model.loss_chunk", "0"), "model.loss_chunk",
+         "expected a positive"),
     Case("negative learning rate", lambda e: e.fit("--model.lr_init", "-0.1"), "model.lr_init",
          "expected ≥ 0"),
     Case("unknown strategy", lambda e: e.fit("--trainer.strategy", "warp_drive"), "warp_drive",

@@ -125,10 +125,12 @@ class GenerateSample(pl.Callback):
         model = pl_module.model
         was_training = model.training
         model.eval()
-        with gathered_network(model, trainer.strategy) as network:
-            if trainer.is_global_zero:
-                self.print_sample(network, getattr(trainer.datamodule, "tokenizer_spec", None) or "neox")
-        model.train(was_training)
+        try:
+            with gathered_network(model, trainer.strategy) as network:
+                if trainer.is_global_zero:
+                    self.print_sample(network, getattr(trainer.datamodule, "tokenizer_spec", None) or "neox")
+        finally:
+            model.train(was_training)
 
     def print_sample(self, network, tokenizer_spec: str) -> None:
         """Stream the sample to stdout (the header to stderr)."""

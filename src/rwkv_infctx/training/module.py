@@ -23,6 +23,7 @@ from rwkv_infctx.training.distributed import (
     run_on_network,
     zero_stage,
 )
+from rwkv_infctx.training.loss import LOSS_CHUNK
 from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
 from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
 from rwkv_infctx.training.segments import (
@@ -65,8 +66,11 @@ class RWKVModule(pl.LightningModule):
         grad_accum_dtype: dtype of the gradient sums over a sample's segments: float32 (half-precision
             gradients summed in fp32) or param (in each parameter's dtype: with bf16 weights half the
             memory, each segment's gradient rounded to bf16 once).
-        compile: torch.compile each block's time-mix and channel-mix (the WKV op stays eager): fuses
-            token shift, mixing and activations; same results, compile time on the first steps.
+        loss_chunk: Positions (rows × tokens) whose logits exist at once when the head and loss are
+            computed (training, validation and test): memory ~ loss_chunk × vocab_size × 4 bytes.
+        compile: torch.compile each block's time-mix and channel-mix (the CPU WKV ops stay eager; the
+            Triton op is one node of the graph): fuses token shift, mixing and activations; same
+            results, compile time on the first steps.
         dropout: Dropout after each time-mix and channel-mix (0 disables it).
         seed: Seed of the initialisation of a new model.
         wkv_backend: WKV kernel: auto (fastest for the device) or reference.
@@ -100,6 +104,7 @@ class RWKVModule(pl.LightningModule):
         bptt: BpttMode = "full",
         grad_cp: bool = False,
         grad_accum_dtype: GradAccumDtype = "float32",
+        loss_chunk: int = LOSS_CHUNK,
         compile: bool = False,
         dropout: float = 0.0,
         seed: int = 0,
@@ -118,6 +123,8 @@ class RWKVModule(pl.LightningModule):
                 f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)"
             )
         check_grad_accum_dtype(grad_accum_dtype)
+        if not isinstance(loss_chunk, int) or loss_chunk <= 0:
+            raise UserError(f"model.loss_chunk: {loss_chunk!r} (expected a positive number of positions)")
         self.optim = OptimConfig(
             optimizer,
             lr_init,
@@ -160,6 +167,7 @@ class RWKVModule(pl.LightningModule):
                 n_all,
                 anchor,
                 grad_accum_dtype=hp.grad_accum_dtype,
+                loss_chunk=hp.loss_chunk,
             )
 
         proxy, self.last_report = run_on_network(self.model, step, self._zero3, batch["input_ids"].device)
@@ -174,9 +182,11 @@ class RWKVModule(pl.LightningModule):
     def _log_eval(self, name: str, batch: dict[str, Tensor]) -> None:
         check_token_ids(batch, self.model.cfg.vocab_size)
         hp = self.hparams
-        report = run_on_network(
-            self.model, lambda net, _: evaluate_loss(net, batch, hp.ctx_len, hp.ctx_len_cutoff), self._zero3
-        )
+
+        def evaluate(net, _):
+            return evaluate_loss(net, batch, hp.ctx_len, hp.ctx_len_cutoff, loss_chunk=hp.loss_chunk)
+
+        report = run_on_network(self.model, evaluate, self._zero3)
         # batch_size = tokens: the epoch mean is weighted by tokens, like the training loss
         self.log(name, report.loss, prog_bar=True, batch_size=max(int(report.n_tokens), 1), sync_dist=True)
 
