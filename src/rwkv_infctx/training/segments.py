@@ -26,6 +26,14 @@ So one segment's graph is alive at a time, and the cost is one state-only forwar
 forward and backward: about 3F + F_state against 3F unsegmented (docs/training.md has measurements).
 The loss value is only known after the backward; it lands in the returned `StepReport`.
 
+bptt: truncated needs no state pass, since no gradient crosses a boundary. Its forward only records
+the RNG state (with dropout); its backward runs the segments in forward order, each once with grad
+from the previous segment's detached output state, differentiating its loss at once (into the same
+`_GradSums`, through the same aliases): one forward and backward per segment, 3F. Its dropout masks
+are drawn then, from the global RNG rewound to the state recorded at the forward, and the RNG is
+left advanced past them: deterministic, fresh every step, but not the masks a plain forward at that
+moment would draw (draws made between the forward and the backward are overwritten).
+
 Boundaries come in three kinds (`Segment.entry`):
     "carry":  the state and its gradient cross the boundary (bptt: full).
     "detach": the state's value crosses, its gradient does not (bptt: truncated).
@@ -179,7 +187,7 @@ def bptt_step(
     segments = plan_segments(T, ctx_len, ctx_len_cutoff, bptt)
     report = StepReport(n_tokens=float(token_count(mask)), n_segments=len(segments), tokens=B * T)
     run = _SegmentedRun(
-        model, inputs, targets, mask, segments, grad_cp, report, n_norm, loss_chunk, grad_accum_dtype
+        model, inputs, targets, mask, segments, grad_cp, report, n_norm, loss_chunk, grad_accum_dtype, bptt
     )
     return _SegmentedBPTT.apply(run, *run.params, *([] if anchor is None else [anchor])), report
 
@@ -227,7 +235,10 @@ class _SegmentedBPTT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run: _SegmentedRun, *params: Tensor) -> Tensor:
-        run.state_pass()
+        if run.bptt == "full":
+            run.state_pass()
+        else:  # truncated: the segments run in the backward, from here on in the RNG
+            run.rng_start = _capture_rng(run.inputs.device) if run.replay_rng else None
         ctx.run = run
         ctx.anchors = len(params) - len(run.params)
         return torch.zeros((), device=run.inputs.device)
@@ -240,7 +251,8 @@ class _SegmentedBPTT(torch.autograd.Function):
 
 @dataclass
 class _SegmentedRun:
-    """The work of one micro-batch: the saved boundary states and the reverse sweep."""
+    """The work of one micro-batch: the saved boundary states and the reverse sweep (bptt: full), or
+    the forward-order sweep (bptt: truncated)."""
 
     model: nn.Module
     inputs: Tensor
@@ -252,8 +264,10 @@ class _SegmentedRun:
     n_norm: Tensor | None = None
     loss_chunk: int = LOSS_CHUNK
     grad_accum_dtype: GradAccumDtype = "float32"
+    bptt: BpttMode = "full"
     in_states: list[RecurrentState | None] = field(default_factory=list)
     rng_states: list[tuple[Tensor, Tensor | None] | None] = field(default_factory=list)
+    rng_start: tuple[Tensor, Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -282,11 +296,36 @@ class _SegmentedRun:
                 _, state = self.model.hidden(self.inputs[:, seg.start : seg.end], state, state_only=True)
 
     def backward_pass(self, grad_out: Tensor) -> list[Tensor]:
-        """Reverse sweep; returns the parameter gradients, scaled by grad_out."""
+        """The sweep of the mode; returns the parameter gradients, scaled by grad_out."""
         sums = _GradSums(self.params, self.grad_accum_dtype)
         with _aliased_params(self.model, self.params, sums) as aliases:
-            self._sweep(grad_out, sums, aliases)
+            if self.bptt == "full":
+                self._sweep(grad_out, sums, aliases)
+            else:
+                self._truncated_sweep(grad_out, sums, aliases)
         return sums.take()
+
+    def _truncated_sweep(self, grad_out: Tensor, sums: _GradSums, aliases: list[Tensor]) -> None:
+        """The segments in forward order, each run once: its loss differentiated at once, its output
+        state detached and handed on. Dropout draws advance the RNG from the forward's state."""
+        if self.rng_start is not None:
+            _restore_rng(self.rng_start, self.inputs.device)
+        B = self.inputs.shape[0]
+        state: RecurrentState | None = None
+        ce_total = 0.0
+        for i, seg in enumerate(self.segments):
+            if seg.entry == "fresh":
+                state = self.model.fresh_state(B, self.inputs.device)
+            has_tokens = self.seg_tokens[i] > 0  # without: run only for the state, without grad
+            with torch.set_grad_enabled(has_tokens), self._replay(None):
+                outputs, out_grads, ce_sum, out_state = self._segment_graph(
+                    seg, state, has_tokens, None, grad_out, sums
+                )
+            ce_total += ce_sum
+            if outputs:
+                torch.autograd.backward(outputs, out_grads, inputs=aliases)
+            state = out_state.map(lambda t, f: t.detach())
+        self.report.ce_sum = ce_total
 
     def _sweep(self, grad_out: Tensor, sums: _GradSums, aliases: list[Tensor]) -> None:
         """The segments in reverse; parameter gradients land in `sums` (the aliases' hooks)."""
@@ -302,7 +341,7 @@ class _SegmentedRun:
             if wants_state_grad:
                 state = state.map(lambda t, f: t.detach().requires_grad_())
             with torch.enable_grad(), self._replay(i):
-                outputs, out_grads, ce_sum = self._segment_graph(
+                outputs, out_grads, ce_sum, _ = self._segment_graph(
                     seg, state, has_tokens, state_grad, grad_out, sums
                 )
             ce_total += ce_sum
@@ -321,12 +360,12 @@ class _SegmentedRun:
         state_grad,
         grad_out: Tensor,
         sums: _GradSums,
-    ) -> tuple[list[Tensor], list[Tensor], float]:
-        """Recompute one segment with grad, its head and loss chunk by chunk (differentiated here;
-        the head's gradients go to `sums` chunk by chunk).
+    ) -> tuple[list[Tensor], list[Tensor], float, RecurrentState]:
+        """Run one segment (with grad if enabled), its head and loss chunk by chunk (differentiated
+        here; the head's gradients go to `sums` chunk by chunk).
 
-        Returns the outputs still to differentiate (h, out-state tensors), their incoming grads
-        and the segment's ce_sum.
+        Returns the outputs still to differentiate (h, out-state tensors), their incoming grads,
+        the segment's ce_sum and its output state.
         """
         cols = slice(seg.start, seg.end)
         h, out_state = self.model.hidden(
@@ -355,15 +394,16 @@ class _SegmentedRun:
                 if g is not None and t.requires_grad:
                     outputs.append(t)
                     out_grads.append(g)
-        return outputs, out_grads, ce_value
+        return outputs, out_grads, ce_value, out_state
 
     @contextlib.contextmanager
-    def _replay(self, i: int) -> Iterator[None]:
-        """Recompute segment i under the forward's autocast and RNG (dropout) state."""
+    def _replay(self, i: int | None) -> Iterator[None]:
+        """Run (segment i) under the forward's autocast and (with i) its saved RNG state, on a
+        forked RNG; i=None leaves the global RNG as it is (the truncated sweep)."""
         device, dtype, enabled = self.autocast
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
-            rng = self.rng_states[i]
+            rng = None if i is None else self.rng_states[i]
             if rng is not None:
                 cuda = [self.inputs.device] if rng[1] is not None else []
                 stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
