@@ -23,15 +23,14 @@ from rwkv_infctx.training.distributed import (
     run_on_network,
     zero_stage,
 )
+from rwkv_infctx.training.grad_sums import GradAccumDtype, check_grad_accum_dtype
 from rwkv_infctx.training.loss import LOSS_CHUNK
 from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
 from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
 from rwkv_infctx.training.segments import (
     BpttMode,
-    GradAccumDtype,
     StepReport,
     bptt_step,
-    check_grad_accum_dtype,
     check_token_ids,
     evaluate_loss,
 )

@@ -15,10 +15,10 @@ gradient of unsegmented backpropagation through the whole sample:
   all at once; this gives dL/dh and the head's gradients. Then one backward of
   `<h_i, dL/dh_i> + <out_state_i, dL/d out_state_i>` gives the other parameter gradients and the
   gradient of its input state, which is handed to the previous segment.
-- gradients stream into one accumulator per parameter (`_GradSums`) as autograd produces them:
+- gradients stream into one accumulator per parameter (`grad_sums.GradSums`) as autograd produces them:
   during the sweep the model's parameters are replaced by detached aliases (leaves sharing their
   storage, no copy) whose post-accumulate hooks move each gradient into its accumulator and drop it,
-  so no second full set of gradients ever exists (`_aliased_params`). The node returns the sums at
+  so no second full set of gradients ever exists (`aliased_params`). The node returns the sums at
   the end, converted and released one at a time; the real parameters' AccumulateGrad nodes (DDP's and
   DeepSpeed's hooks) see them once, then. `grad_accum_dtype` picks the accumulators' dtype.
 
@@ -29,7 +29,7 @@ The loss value is only known after the backward; it lands in the returned `StepR
 bptt: truncated needs no state pass, since no gradient crosses a boundary. Its forward only records
 the RNG state (with dropout); its backward runs the segments in forward order, each once with grad
 from the previous segment's detached output state, differentiating its loss at once (into the same
-`_GradSums`, through the same aliases): one forward and backward per segment, 3F. Its dropout masks
+`GradSums`, through the same aliases): one forward and backward per segment, 3F. Its dropout masks
 are drawn then, from the global RNG rewound to the state recorded at the forward, and the RNG is
 left advanced past them: deterministic, fresh every step, but not the masks a plain forward at that
 moment would draw (draws made between the forward and the backward are overwritten).
@@ -55,7 +55,6 @@ What is asked of a model (RWKV-4 here; later versions implement the same three m
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -65,15 +64,11 @@ from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.state import RecurrentState
+from rwkv_infctx.training.grad_sums import GradAccumDtype, GradSums, aliased_params, check_grad_accum_dtype
 from rwkv_infctx.training.loss import LOSS_CHUNK, head_loss_grad, head_loss_value, token_count
 
 BpttMode = Literal["full", "truncated"]
 BPTT_MODES = ("full", "truncated")
-GradAccumDtype = Literal["float32", "param"]
-GRAD_ACCUM_DTYPES = ("float32", "param")
-"""float32: half-precision gradients are summed over segments in fp32 (fp32 and fp64 ones in their
-own dtype) and returned in the parameter's dtype. param: summed in the parameter's own dtype (with
-bf16 weights half the accumulator memory; each segment's bf16 gradient is rounded into the sum)."""
 
 
 @dataclass(frozen=True)
@@ -223,12 +218,6 @@ def _check_loss_chunk(loss_chunk: int) -> None:
         raise UserError(f"loss_chunk: {loss_chunk} (expected a positive number of positions)")
 
 
-def check_grad_accum_dtype(value: str) -> None:
-    """UserError unless `value` is one of GRAD_ACCUM_DTYPES."""
-    if value not in GRAD_ACCUM_DTYPES:
-        raise UserError(f"model.grad_accum_dtype: {value!r} (expected one of {', '.join(GRAD_ACCUM_DTYPES)})")
-
-
 class _SegmentedBPTT(torch.autograd.Function):
     """One autograd node per micro-batch; its inputs are the parameters (and the anchor, if any),
     its output the proxy."""
@@ -297,15 +286,15 @@ class _SegmentedRun:
 
     def backward_pass(self, grad_out: Tensor) -> list[Tensor]:
         """The sweep of the mode; returns the parameter gradients, scaled by grad_out."""
-        sums = _GradSums(self.params, self.grad_accum_dtype)
-        with _aliased_params(self.model, self.params, sums) as aliases:
+        sums = GradSums(self.params, self.grad_accum_dtype)
+        with aliased_params(self.model, self.params, sums) as aliases:
             if self.bptt == "full":
                 self._sweep(grad_out, sums, aliases)
             else:
                 self._truncated_sweep(grad_out, sums, aliases)
         return sums.take()
 
-    def _truncated_sweep(self, grad_out: Tensor, sums: _GradSums, aliases: list[Tensor]) -> None:
+    def _truncated_sweep(self, grad_out: Tensor, sums: GradSums, aliases: list[Tensor]) -> None:
         """The segments in forward order, each run once: its loss differentiated at once, its output
         state detached and handed on. Dropout draws advance the RNG from the forward's state."""
         if self.rng_start is not None:
@@ -327,7 +316,7 @@ class _SegmentedRun:
             state = out_state.map(lambda t, f: t.detach())
         self.report.ce_sum = ce_total
 
-    def _sweep(self, grad_out: Tensor, sums: _GradSums, aliases: list[Tensor]) -> None:
+    def _sweep(self, grad_out: Tensor, sums: GradSums, aliases: list[Tensor]) -> None:
         """The segments in reverse; parameter gradients land in `sums` (the aliases' hooks)."""
         state_grad: tuple[Tensor | None, ...] | None = None
         ce_total = 0.0
@@ -359,7 +348,7 @@ class _SegmentedRun:
         has_tokens: bool,
         state_grad,
         grad_out: Tensor,
-        sums: _GradSums,
+        sums: GradSums,
     ) -> tuple[list[Tensor], list[Tensor], float, RecurrentState]:
         """Run one segment (with grad if enabled), its head and loss chunk by chunk (differentiated
         here; the head's gradients go to `sums` chunk by chunk).
@@ -409,72 +398,6 @@ class _SegmentedRun:
                 stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
                 _restore_rng(rng, self.inputs.device)
             yield
-
-
-class _GradSums:
-    """One gradient accumulator per parameter, filled segment by segment (`add`), emptied by `take`."""
-
-    def __init__(self, params: list[Tensor], mode: GradAccumDtype) -> None:
-        self.params = params
-        half = (torch.bfloat16, torch.float16)
-        self.dtypes = [torch.float32 if mode == "float32" and p.dtype in half else p.dtype for p in params]
-        self.sums: list[Tensor | None] = [None] * len(params)
-
-    def add(self, j: int, g: Tensor) -> None:
-        """sums[j] += g; the first gradient is adopted as the sum when it has the sum's dtype (as
-        AccumulateGrad adopts a parameter's first gradient)."""
-        s = self.sums[j]
-        if s is None:
-            self.sums[j] = g.to(self.dtypes[j])
-        else:
-            s.add_(g)
-
-    def take(self) -> list[Tensor]:
-        """The sums in the parameters' dtypes (zeros where no gradient came), each accumulator
-        converted and released before the next: at most one extra parameter-sized tensor at a time."""
-        out = []
-        for j, p in enumerate(self.params):
-            s, self.sums[j] = self.sums[j], None
-            out.append(torch.zeros_like(p) if s is None else s.to(p.dtype))  # same dtype: no copy
-        return out
-
-
-@contextlib.contextmanager
-def _aliased_params(model: nn.Module, params: list[Tensor], sums: _GradSums) -> Iterator[list[Tensor]]:
-    """Inside, every module holds, in place of each parameter in `params`, a detached alias: a leaf
-    sharing the parameter's storage (no copy) whose post-accumulate hook moves its gradient into
-    `sums` and drops it. Yields the aliases, in `params` order.
-
-    Why leaves: the engine runs AccumulateGrad nodes as soon as their gradient is complete, so each
-    segment gradient is summed and freed right after the op that produced it. (An identity Function
-    applied to each parameter before the recompute would run last: the engine picks ready nodes by
-    descending creation order, so every gradient would wait, alive, for the whole segment.)
-    The real parameters stay out of the sweep's graphs, so their hooks (DDP, DeepSpeed) run once, when
-    the node returns the sums. The modules' `_parameters` entries are swapped (what
-    torch.func.functional_call does) and restored on exit, also on error.
-    """
-    aliases = [p.detach().requires_grad_() for p in params]
-    for j, a in enumerate(aliases):
-        a.register_post_accumulate_grad_hook(functools.partial(_move_grad, sums, j))
-    by_id = {id(p): a for p, a in zip(params, aliases, strict=True)}
-    swapped = [
-        (m, name, p)
-        for m in model.modules()
-        for name, p in m._parameters.items()
-        if p is not None and id(p) in by_id
-    ]
-    try:
-        for m, name, p in swapped:
-            m._parameters[name] = by_id[id(p)]
-        yield aliases
-    finally:
-        for m, name, p in swapped:
-            m._parameters[name] = p
-
-
-def _move_grad(sums: _GradSums, j: int, alias: Tensor) -> None:
-    g, alias.grad = alias.grad, None
-    sums.add(j, g)
 
 
 def _drop_idle_tails(segments: list[Segment], mask: Tensor) -> tuple[list[Segment], list[int]]:
