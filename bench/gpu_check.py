@@ -97,6 +97,7 @@ from rwkv_infctx.ops.wkv4.triton_kernel import (  # noqa: E402
     wkv4_fwd,
     wkv4_triton,
 )
+from rwkv_infctx.training.throughput import peak_tflops_for_name  # noqa: E402
 
 T_START = time.perf_counter()
 DEV = torch.device("cpu" if ARGS.smoke else "cuda")
@@ -346,8 +347,6 @@ def matmul_tflops() -> float:
 
 def ceilings() -> tuple[float | None, float | None, float | None]:
     """(copy GB/s, measured bf16 matmul TFLOP/s, nominal dense bf16 TFLOP/s), None where unknown."""
-    from gpu_train_step import nominal_peak_tflops
-
     res: list[float | None] = []
     for fn in (copy_bandwidth, matmul_tflops):
         try:
@@ -356,7 +355,7 @@ def ceilings() -> tuple[float | None, float | None, float | None]:
             log(f"{fn.__name__} failed: {short(e)}")
             print_exc()
             res.append(None)
-    nominal = nominal_peak_tflops(torch.cuda.get_device_name()) if DEV.type == "cuda" else None
+    nominal = peak_tflops_for_name(torch.cuda.get_device_name()) if DEV.type == "cuda" else None
     fmt = lambda x, spec: "n/a" if x is None else format(x, spec)  # noqa: E731
     log("## Measured ceilings")
     log()

@@ -34,18 +34,10 @@ from torch import Tensor, nn
 
 from rwkv_infctx.model import RWKV4, RWKV4Config
 from rwkv_infctx.ops import wkv4 as wkv4_ops
+from rwkv_infctx.training import throughput
 from rwkv_infctx.training.loss import objective, segment_terms, token_count
 from rwkv_infctx.training.segments import bptt_step
 
-# Dense bf16 tensor-core peak (TFLOP/s, no sparsity), by a lower-case substring of the device name;
-# the first match wins, so the more specific names come first.
-NOMINAL_BF16_TFLOPS = (
-    ("h100 pcie", 756.0),
-    ("h100 nvl", 835.0),
-    ("h200", 989.0),
-    ("h100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("a100", 312.0),
-)
 # issue 5, H200, RWKV-LM's v4 CUDA kernel, eager: B=1 T=4096 step, and the same with a free WKV stub
 ANCHOR = {"a": "25.5k tok/s, 23.4% nominal MFU, 14.2 GiB", "b": "39.4k tok/s"}
 GOAL_TOK_S, GOAL_PEAK_GIB = 32.7e3, 8.0  # segmented 64k in 4096-token segments, B=1 (issue 5)
@@ -88,15 +80,11 @@ class Bench:
         return self.deadline - time.perf_counter()
 
 
-def nominal_peak_tflops(device_name: str) -> float | None:
-    """The nominal dense bf16 peak of a device by name, or None when it is not in the table."""
-    name = device_name.lower()
-    return next((v for key, v in NOMINAL_BF16_TFLOPS if key in name), None)
-
-
 def mfu(n_params: int, tok_s: float, tflops: float | None) -> float | None:
-    """Model FLOP utilisation 6·N·tokens/s over a rate in TFLOP/s (None when the rate is unknown)."""
-    return None if not tflops else 6 * n_params * tok_s / (tflops * 1e12)
+    """6·N·tokens/s over a rate in TFLOP/s (None when the rate is unknown). N counts every parameter,
+    the embedding included, as issue 5's anchor figures do (the trainer's logged MFU leaves the
+    embedding out: `training/throughput.py`)."""
+    return None if not tflops else throughput.mfu(tok_s, n_params, tflops)
 
 
 @torch.no_grad()

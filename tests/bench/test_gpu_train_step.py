@@ -12,6 +12,7 @@ import torch
 from rwkv_infctx.model import RWKV4Config
 from rwkv_infctx.model import rwkv4 as rwkv4_module
 from rwkv_infctx.ops import wkv4 as wkv4_ops
+from rwkv_infctx.training.throughput import peak_tflops_for_name
 
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "gpu_train_step.py"
 _spec = importlib.util.spec_from_file_location("gpu_train_step", _PATH)
@@ -29,11 +30,12 @@ CPU = torch.device("cpu")
         ("NVIDIA H100 NVL", 835.0),
         ("NVIDIA H200", 989.0),
         ("NVIDIA A100-SXM4-80GB", 312.0),
-        ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA GeForce RTX 4090", 165.0),
+        ("NVIDIA GeForce GTX 1080", None),
     ],
 )
 def test_nominal_peak_by_device_name(name, peak):
-    assert gts.nominal_peak_tflops(name) == peak
+    assert peak_tflops_for_name(name) == peak
 
 
 def test_mfu():

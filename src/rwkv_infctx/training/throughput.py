@@ -15,6 +15,7 @@ PEAK_TFLOPS = {
     "H200": 989.0,
     "H100 SXM": 989.0,
     "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
     "H100": 989.0,
     "GH200": 989.0,
     "A100": 312.0,
@@ -35,9 +36,13 @@ def device_peak_tflops(device: torch.device) -> float | None:
     """The bf16 dense peak of a known CUDA device, or None (CPU, or a card not in the table)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_tflops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_tflops_for_name(device_name: str) -> float | None:
+    """The bf16 dense peak of a device by its name (`torch.cuda.get_device_name`), or None."""
     for key, tflops in PEAK_TFLOPS.items():  # most specific names first
-        if key in name:
+        if key in device_name:
             return tflops
     return None
 
