@@ -155,3 +155,5 @@ def gathered_state(trainer: pl.Trainer, module: RWKVModule) -> dict[str, torch.T
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # not left to exit-time destructors (see training/cli.py)
+        torch.distributed.destroy_process_group()

@@ -125,7 +125,18 @@ def run_lightning_cli(argv: list[str]) -> int:
         if type(e).__name__ == "ArgumentError":
             raise UserError(_readable(str(e))) from None
         raise
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Destroy the default process group (DDP, DeepSpeed) before the interpreter exits: left to
+    exit-time destructors, a rank's communication threads can abort it after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _readable(message: str) -> str:
