@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rwkv_infctx.errors import UserError
+
 L2WRAP_FACTOR = 1e-4
 LOSS_CHUNK = 1024
 """Default number of positions (rows × columns) whose logits exist at a time."""
@@ -72,6 +74,12 @@ def chunk_columns(mask_BT: Tensor, chunk: int) -> list[slice]:
     return [slice(i * width, min(T, (i + 1) * width)) for i in range(n) if alive[i]]
 
 
+def check_loss_chunk(loss_chunk: int) -> None:
+    """UserError unless `loss_chunk` is a positive number of positions."""
+    if not isinstance(loss_chunk, int) or loss_chunk <= 0:
+        raise UserError(f"model.loss_chunk: {loss_chunk!r} (expected a positive number of positions)")
+
+
 def head_loss_grad(
     head: nn.Module,
     h_BTC: Tensor,
@@ -79,22 +87,19 @@ def head_loss_grad(
     mask_BT: Tensor,
     n_tokens: Tensor,
     grad_out: Tensor,
+    param_grad: Callable[[int, Tensor], None],
     chunk: int = LOSS_CHUNK,
-    *,
-    param_grad: Callable[[int, Tensor], None] | None = None,
-) -> tuple[Tensor, list[Tensor | None], Tensor]:
+) -> tuple[Tensor, Tensor]:
     """The objective of hidden states under `head`, differentiated eagerly, chunk by chunk.
 
-    Returns (dh_BTC, head_grads, ce_sum): the objective's gradient (times `grad_out`) w.r.t. h, and
-    w.r.t. each of head's parameters that requires grad (None if unused; half precision accumulated
-    in float32); ce_sum as in `segment_terms`, detached. Only one chunk's logits exist at a time.
-    With `param_grad`, each chunk's gradient of the k-th such parameter is handed to
-    `param_grad(k, g)` instead, and head_grads is all None (the caller sums them: `bptt_step`).
+    Returns (dh_BTC, ce_sum): the objective's gradient (times `grad_out`) w.r.t. h, and ce_sum as in
+    `segment_terms`, detached. Each chunk's gradient of the k-th head parameter that requires grad
+    is handed to `param_grad(k, g)` (the caller sums them: `bptt_step`). Only one chunk's logits
+    exist at a time.
     """
     params = [p for p in head.parameters() if p.requires_grad]
     h = h_BTC.detach()
     dh = torch.zeros_like(h)
-    grads: list[Tensor | None] = [None] * len(params)
     ce_sum = torch.zeros((), device=h.device, dtype=torch.float64)
     for cols in chunk_columns(mask_BT, chunk):
         g_h, g_params, ce = _chunk_grad(
@@ -103,13 +108,10 @@ def head_loss_grad(
         dh[:, cols] = g_h
         ce_sum += ce
         for j, g in enumerate(g_params):
-            if g is not None and param_grad is not None:
+            if g is not None:
                 param_grad(j, g)
-            elif g is not None:
-                g = g.float() if g.dtype in (torch.bfloat16, torch.float16) else g
-                grads[j] = g if grads[j] is None else grads[j].add_(g)
         g_params = g = None  # this chunk's head gradients are freed before the next chunk's exist
-    return dh, grads, ce_sum
+    return dh, ce_sum
 
 
 def _chunk_grad(

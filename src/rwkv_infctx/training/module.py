@@ -24,7 +24,7 @@ from rwkv_infctx.training.distributed import (
     zero_stage,
 )
 from rwkv_infctx.training.grad_sums import GradAccumDtype, check_grad_accum_dtype
-from rwkv_infctx.training.loss import LOSS_CHUNK
+from rwkv_infctx.training.loss import LOSS_CHUNK, check_loss_chunk
 from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
 from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
 from rwkv_infctx.training.segments import (
@@ -122,8 +122,7 @@ class RWKVModule(pl.LightningModule):
                 f"model.ctx_len_cutoff: {ctx_len_cutoff} (expected a positive number of tokens or null)"
             )
         check_grad_accum_dtype(grad_accum_dtype)
-        if not isinstance(loss_chunk, int) or loss_chunk <= 0:
-            raise UserError(f"model.loss_chunk: {loss_chunk!r} (expected a positive number of positions)")
+        check_loss_chunk(loss_chunk)
         self.optim = OptimConfig(
             optimizer,
             lr_init,

@@ -65,7 +65,13 @@ from torch import Tensor, nn
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.state import RecurrentState
 from rwkv_infctx.training.grad_sums import GradAccumDtype, GradSums, aliased_params, check_grad_accum_dtype
-from rwkv_infctx.training.loss import LOSS_CHUNK, head_loss_grad, head_loss_value, token_count
+from rwkv_infctx.training.loss import (
+    LOSS_CHUNK,
+    check_loss_chunk,
+    head_loss_grad,
+    head_loss_value,
+    token_count,
+)
 
 BpttMode = Literal["full", "truncated"]
 BPTT_MODES = ("full", "truncated")
@@ -175,7 +181,7 @@ def bptt_step(
     dtype of the per-parameter gradient sums over segments (`GRAD_ACCUM_DTYPES`). The module doc
     lists what is asked of the model.
     """
-    _check_loss_chunk(loss_chunk)
+    check_loss_chunk(loss_chunk)
     check_grad_accum_dtype(grad_accum_dtype)
     inputs, targets, mask = unpack_batch(batch)
     B, T = inputs.shape
@@ -197,7 +203,7 @@ def evaluate_loss(
     loss_chunk: int = LOSS_CHUNK,
 ) -> StepReport:
     """The loss of a micro-batch without gradients, segment by segment (for validation and test)."""
-    _check_loss_chunk(loss_chunk)
+    check_loss_chunk(loss_chunk)
     inputs, targets, mask = unpack_batch(batch)
     B, T = inputs.shape
     segments = plan_segments(T, ctx_len, ctx_len_cutoff)
@@ -211,11 +217,6 @@ def evaluate_loss(
         h, state = model.hidden(inputs[:, cols], state)
         ce_total += float(head_loss_value(model.head, h, targets[:, cols], mask[:, cols], loss_chunk))
     return StepReport(n_tokens=float(n), n_segments=len(segments), tokens=B * T, ce_sum=ce_total)
-
-
-def _check_loss_chunk(loss_chunk: int) -> None:
-    if loss_chunk <= 0:
-        raise UserError(f"loss_chunk: {loss_chunk} (expected a positive number of positions)")
 
 
 class _SegmentedBPTT(torch.autograd.Function):
@@ -364,15 +365,15 @@ class _SegmentedRun:
         out_grads: list[Tensor] = []
         ce_value = 0.0
         if has_tokens:
-            dh, _, ce_sum = head_loss_grad(
+            dh, ce_sum = head_loss_grad(
                 self.model.head,
                 h,
                 self.targets[:, cols],
                 self.mask[:, cols],
                 self.n_tokens,
                 grad_out,
+                lambda k, g: sums.add(self.head_index[k], g),
                 self.loss_chunk,
-                param_grad=lambda k, g: sums.add(self.head_index[k], g),
             )
             if h.requires_grad:
                 outputs.append(h)
