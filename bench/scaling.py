@@ -69,6 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     strategy_name, devices, out = args.worker.split(",")
     devices = int(devices)
     module = RWKVModule(
+        arch="rwkv4",
         n_layer=args.n_layer,
         n_embd=args.n_embd,
         vocab_size=args.vocab_size,

@@ -14,15 +14,15 @@ from rwkv_infctx.io.model_file import load_model, read_state_dict
 def test_init_is_deterministic_and_refuses_to_overwrite(tmp_path, capsys):
     a, b = tmp_path / "a.pth", tmp_path / "b.pth"
     args = ["--n_layer", "2", "--n_embd", "32", "--vocab_size", "neox", "--seed", "3"]
-    assert main(["init", str(a), *args]) == 0
-    assert main(["init", str(b), *args]) == 0
+    assert main(["init", str(a), "--arch", "rwkv4", *args]) == 0
+    assert main(["init", str(b), "--arch", "rwkv4", *args]) == 0
     sa, sb = read_state_dict(a), read_state_dict(b)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert sa["emb.weight"].shape == (50277, 32) and sa["emb.weight"].dtype == torch.bfloat16
     before = a.read_bytes()
-    assert main(["init", str(a), *args[:-1], "4"]) == 2
+    assert main(["init", str(a), "--arch", "rwkv4", *args[:-1], "4"]) == 2
     assert "already exists" in capsys.readouterr().err and a.read_bytes() == before
-    assert main(["init", str(a), *args[:-1], "4", "--force"]) == 0
+    assert main(["init", str(a), "--arch", "rwkv4", *args[:-1], "4", "--force"]) == 0
     assert not torch.equal(read_state_dict(a)["head.weight"], sa["head.weight"])
 
 
@@ -30,7 +30,20 @@ def test_init_scheme(tmp_path):
     path = tmp_path / "m.pth"
     assert (
         main(
-            ["init", str(path), "--n_layer", "3", "--n_embd", "32", "--vocab_size", "500", "--dtype", "fp32"]
+            [
+                "init",
+                str(path),
+                "--arch",
+                "rwkv4",
+                "--n_layer",
+                "3",
+                "--n_embd",
+                "32",
+                "--vocab_size",
+                "500",
+                "--dtype",
+                "fp32",
+            ]
         )
         == 0
     )
@@ -49,7 +62,12 @@ def test_init_scheme(tmp_path):
 
 def test_generate_streams_greedy_text(tmp_path):
     path = tmp_path / "m.pth"
-    assert main(["init", str(path), "--n_layer", "2", "--n_embd", "32", "--vocab_size", "neox"]) == 0
+    assert (
+        main(
+            ["init", str(path), "--arch", "rwkv4", "--n_layer", "2", "--n_embd", "32", "--vocab_size", "neox"]
+        )
+        == 0
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -68,14 +86,28 @@ def test_generate_streams_greedy_text(tmp_path):
 
 def test_generate_rejects_tokenizer_larger_than_model(tmp_path, capsys):
     path = tmp_path / "m.pth"
-    main(["init", str(path), "--n_layer", "2", "--n_embd", "16", "--vocab_size", "neox"])
+    main(["init", str(path), "--arch", "rwkv4", "--n_layer", "2", "--n_embd", "16", "--vocab_size", "neox"])
     assert main(["generate", str(path), "--tokenizer", "world", "--max_tokens", "1"]) == 2
     assert "65536 tokens" in capsys.readouterr().err
 
 
 def test_bad_arguments(tmp_path, capsys):
     assert (
-        main(["init", str(tmp_path / "m.pth"), "--n_layer", "0", "--n_embd", "8", "--vocab_size", "9"]) == 2
+        main(
+            [
+                "init",
+                str(tmp_path / "m.pth"),
+                "--arch",
+                "rwkv4",
+                "--n_layer",
+                "0",
+                "--n_embd",
+                "8",
+                "--vocab_size",
+                "9",
+            ]
+        )
+        == 2
     )
     assert "n_layer=0" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from rwkv_infctx.model import RWKV4
+from rwkv_infctx.model import RWKVModel
 from rwkv_infctx.tokenizer import Tokenizer
 
 
@@ -25,7 +25,7 @@ def sample_token(logits_V: Tensor, temperature: float, top_p: float, gen: torch.
 
 @torch.no_grad()
 def generate_ids(
-    model: RWKV4,
+    model: RWKVModel,
     prompt_ids: list[int],
     max_tokens: int,
     temperature: float = 1.0,
@@ -50,7 +50,7 @@ def generate_ids(
 
 
 def generate_text(
-    model: RWKV4,
+    model: RWKVModel,
     tokenizer: Tokenizer,
     prompt: str,
     max_tokens: int = 100,

@@ -190,7 +190,9 @@ def test_bad_option_values(tmp_path, docs_jsonl, options, match):
 
 
 def write_config(path: Path, data: str) -> str:
-    path.write_text(f"model:\n  n_layer: 2\ntrainer:\n  max_steps: 1\ndata:\n{data}", encoding="utf-8")
+    path.write_text(
+        f"model:\n  arch: rwkv4\n  n_layer: 2\ntrainer:\n  max_steps: 1\ndata:\n{data}", encoding="utf-8"
+    )
     return str(path)
 
 

@@ -15,7 +15,7 @@ from rwkv_infctx.training.module import RWKVModule
 @pytest.fixture
 def base(tmp_path) -> list[str]:
     """A tiny model on the CPU; data_path is never built (the trainer is only instantiated, or refused)."""
-    model = ["--model.n_layer=1", "--model.n_embd=16", "--model.vocab_size=50"]
+    model = ["--model.arch=rwkv4", "--model.n_layer=1", "--model.n_embd=16", "--model.vocab_size=50"]
     return [*model, "--trainer.accelerator=cpu", f"--data.data_path={tmp_path / 'data'}"]
 
 

@@ -24,7 +24,18 @@ def test_demo_trained_model_beats_its_init_in_every_bucket(tmp_path, capsys):
     path = tmp_path / "demo-small.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["fit", "-c", str(path)]) == 0
-    init = ["init", str(tmp_path / "init.pth"), "--n_layer", "2", "--n_embd", "128", "--vocab_size", "neox"]
+    init = [
+        "init",
+        str(tmp_path / "init.pth"),
+        "--arch",
+        "rwkv4",
+        "--n_layer",
+        "2",
+        "--n_embd",
+        "128",
+        "--vocab_size",
+        "neox",
+    ]
     assert main([*init, "--seed", str(config["model"].get("seed", 0))]) == 0
 
     out_csv = tmp_path / "positions.csv"

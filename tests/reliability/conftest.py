@@ -74,6 +74,7 @@ def fit_config(root: Path, data: Path, tokenizer: Path, **overrides: Any) -> dic
             },
         },
         "model": {
+            "arch": "rwkv4",
             "n_layer": 2,
             "n_embd": 32,
             "vocab_size": VOCAB,

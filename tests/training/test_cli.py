@@ -39,6 +39,7 @@ def tiny_config(tmp_path_factory) -> Path:
             },
         },
         "model": {
+            "arch": "rwkv4",
             "n_layer": 2,
             "n_embd": 32,
             "vocab_size": "neox",
@@ -134,7 +135,23 @@ def test_bad_input_is_one_line_and_nonzero(tiny_config, capsys, args, culprit):
 
 def test_dims_that_disagree_with_the_model_file(tmp_path, tiny_config, capsys):
     model_file = tmp_path / "m.pth"
-    assert main(["init", str(model_file), "--n_layer", "2", "--n_embd", "16", "--vocab_size", "neox"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                str(model_file),
+                "--arch",
+                "rwkv4",
+                "--n_layer",
+                "2",
+                "--n_embd",
+                "16",
+                "--vocab_size",
+                "neox",
+            ]
+        )
+        == 0
+    )
     assert main(["fit", "-c", str(tiny_config), "--model.load_model", str(model_file)]) == 2
     line = last_error_line(capsys)
     assert "n_embd=32 but the file has 16" in line

@@ -50,8 +50,8 @@ def test_compiled_mixers_give_the_eager_gradients():
 
 
 def test_compile_option_compiles_each_mixer_once_and_keeps_the_keys():
-    plain = RWKVModule(n_layer=2, n_embd=32, vocab_size=97)
-    module = RWKVModule(n_layer=2, n_embd=32, vocab_size=97, compile=True)
+    plain = RWKVModule(arch="rwkv4", n_layer=2, n_embd=32, vocab_size=97)
+    module = RWKVModule(arch="rwkv4", n_layer=2, n_embd=32, vocab_size=97, compile=True)
     for _ in range(2):  # Lightning may call configure_model again (fit, then validate)
         module.configure_model()
     plain.configure_model()

@@ -181,7 +181,7 @@ def test_bad_grad_accum_dtype_is_one_line_naming_the_key():
     with pytest.raises(UserError, match=expected):
         bptt_step(model, batch, 8, grad_accum_dtype="fp16")
     with pytest.raises(UserError, match=r"^model\.grad_accum_dtype: 'bf16'"):
-        RWKVModule(n_layer=2, n_embd=32, vocab_size=97, grad_accum_dtype="bf16")
+        RWKVModule(arch="rwkv4", n_layer=2, n_embd=32, vocab_size=97, grad_accum_dtype="bf16")
 
 
 def test_no_autograd_call_of_the_sweep_returns_parameter_gradients(monkeypatch):

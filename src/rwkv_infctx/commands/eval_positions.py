@@ -18,7 +18,7 @@ from rwkv_infctx.evaluation.report import Results, format_table, write_csv, writ
 from rwkv_infctx.evaluation.samples import Samples, batches, from_data_config, from_text_file
 from rwkv_infctx.io.atomic import check_writable
 from rwkv_infctx.io.model_file import load_model
-from rwkv_infctx.model import RWKV4
+from rwkv_infctx.model import RWKVModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +70,7 @@ def _labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
-def _load_models(paths: list[Path], device: str) -> list[RWKV4]:
+def _load_models(paths: list[Path], device: str) -> list[RWKVModel]:
     """Load every model (errors before any evaluation) and require one vocabulary size."""
     models = [load_model(p).to(device) for p in paths]
     sizes = {str(p): m.cfg.vocab_size for p, m in zip(paths, models, strict=True)}
@@ -80,7 +80,7 @@ def _load_models(paths: list[Path], device: str) -> list[RWKV4]:
     return models
 
 
-def _check_samples(data: Samples, paths: list[Path], models: list[RWKV4]) -> None:
+def _check_samples(data: Samples, paths: list[Path], models: list[RWKVModel]) -> None:
     for path, model in zip(paths, models, strict=True):
         if data.vocab_size > model.cfg.vocab_size:
             raise UserError(

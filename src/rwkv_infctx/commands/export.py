@@ -1,8 +1,8 @@
 """`rwkv-infctx export CKPT OUT.pth`: a Lightning checkpoint to an RWKV-LM model file.
 
 The network's weights are taken from the checkpoint's `state_dict` (the `model.` prefix of
-`RWKVModule` is stripped), checked against the RWKV-4 layout their shapes imply, and written
-atomically as `.pth` (or `.safetensors`) in bf16 or fp32.
+`RWKVModule` is stripped), checked against the layout of their family (RWKV-4 or RWKV-7, detected
+from the keys), and written atomically as `.pth` (or `.safetensors`) in bf16 or fp32.
 
 A DeepSpeed checkpoint is a folder (one file per rank under ZeRO); DeepSpeed's own
 `get_fp32_state_dict_from_zero_checkpoint` consolidates its shards into full fp32 weights.
@@ -18,12 +18,11 @@ from torch import Tensor
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import (
     _strip_prefixes,
-    check_keys,
-    infer_config,
+    model_from_state_dict,
     read_state_dict,
     save_state_dict,
 )
-from rwkv_infctx.model import RWKV4
+from rwkv_infctx.model.registry import family_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +38,11 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise UserError(f"output {args.out}: already exists (use --force to overwrite)")
     sd = read_deepspeed_checkpoint(args.ckpt) if args.ckpt.is_dir() else read_state_dict(args.ckpt)
-    cfg = infer_config(sd, args.ckpt)
-    check_keys(sd, RWKV4(cfg).state_dict(), args.ckpt)
-    save_state_dict(sd, args.out, args.dtype)
+    model = model_from_state_dict(sd, args.ckpt)  # checks the keys and shapes of its family
+    cfg = model.cfg
+    save_state_dict(model.state_dict(), args.out, args.dtype)
     print(
-        f"wrote {args.out}: RWKV-4 n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
+        f"wrote {args.out}: {family_of(model).title} n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
         f"vocab_size={cfg.vocab_size} ({args.dtype})"
     )
     return 0

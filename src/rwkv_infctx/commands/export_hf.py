@@ -19,6 +19,8 @@ import torch
 from rwkv_infctx.convert.hf import NEOX_TOKENIZER_CONFIG, hf_config_json, to_hf_state_dict
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import load_model
+from rwkv_infctx.model import RWKV4
+from rwkv_infctx.model.registry import family_of
 from rwkv_infctx.tokenizer import NEOX_FILE, asset_path, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,6 +45,11 @@ def export_hf(
     if not parent.is_dir():
         raise UserError(f"output {outdir}: folder {parent} does not exist")
     model = load_model(model_path)
+    if not isinstance(model, RWKV4):
+        raise UserError(
+            f"model file {model_path}: an {family_of(model).title} model; transformers has no class for "
+            "it (export-hf writes RWKV-4 models only)"
+        )
     vocab = load_tokenizer(tokenizer).vocab_size
     if vocab > model.cfg.vocab_size:
         raise UserError(

@@ -1,7 +1,7 @@
 """`PositionLossCallback`: loss by token position on validation batches, logged during `fit`.
 
-Needs only `pl_module.model` (an `RWKV4`) and the trainer's validation dataloader (collated batches of
-`input_ids`, `target_ids`, `loss_mask`); it does not touch the training step. Logs
+Needs only `pl_module.model` (a model of any family) and the trainer's validation dataloader
+(collated batches of `input_ids`, `target_ids`, `loss_mask`); it does not touch the training step. Logs
 `val_pos_loss/<start>-<end>` per bucket. Under several processes each rank evaluates its own shard of
 the validation data and loggers record rank 0's values (no cross-rank sync: shards may differ in
 their buckets, and a sync on differing metric names would hang).

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_infctx.model import RWKV4
+from rwkv_infctx.model import RWKVModel
 
 FIRST_EDGE = 128
 """End of the first bucket: positions 1..127 are pooled (too few tokens per octave below this)."""
@@ -115,7 +115,7 @@ def token_losses(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
 
 @torch.no_grad()
 def segment_losses(
-    model: RWKV4, input_ids_BT: Tensor, target_ids_BT: Tensor, segment_len: int
+    model: RWKVModel, input_ids_BT: Tensor, target_ids_BT: Tensor, segment_len: int
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield (offset, losses (B, S)) for consecutive segments, carrying the state between them.
 
@@ -134,7 +134,7 @@ def segment_losses(
 
 
 @torch.no_grad()
-def accumulate_batch(model: RWKV4, batch: dict[str, Tensor], acc: PositionLoss, segment_len: int) -> None:
+def accumulate_batch(model: RWKVModel, batch: dict[str, Tensor], acc: PositionLoss, segment_len: int) -> None:
     """Add one collated batch (`input_ids`, `target_ids`, `loss_mask`, all (B, T)) to `acc`."""
     mask_BT = batch["loss_mask"]
     for start, loss_BS in segment_losses(model, batch["input_ids"], batch["target_ids"], segment_len):
@@ -145,7 +145,7 @@ def accumulate_batch(model: RWKV4, batch: dict[str, Tensor], acc: PositionLoss, 
         acc.add(positions_BS[keep_BS], loss_BS[keep_BS])
 
 
-def evaluate(model: RWKV4, batches: Iterable[dict[str, Tensor]], segment_len: int = 4096) -> PositionLoss:
+def evaluate(model: RWKVModel, batches: Iterable[dict[str, Tensor]], segment_len: int = 4096) -> PositionLoss:
     """Loss by position of `model` over collated batches (the model is put in eval mode)."""
     was_training = model.training
     model.eval()

@@ -1,22 +1,23 @@
 """RWKV-LM model files: `.pth` state dicts (and `.safetensors` with the same keys).
 
-Keys and shapes are exactly RWKV-LM's (`emb.weight`, `blocks.N.att.time_decay`, ...), so files move
-between this project, RWKV-LM, ChatRWKV (the `rwkv` package) and, after renaming, HF transformers.
+Keys and shapes are exactly RWKV-LM's (`emb.weight`, `blocks.N.att.time_decay` for RWKV-4,
+`blocks.N.att.w0` for RWKV-7, ...), so files move between this project, RWKV-LM, the `rwkv` package
+and (RWKV-4, after renaming) HF transformers. The family of a file is detected from its keys
+(`model.registry`).
 Loading never runs pickled code (`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
 
 import pickle
-import re
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.atomic import atomic_path
-from rwkv_infctx.model import RWKV4, RWKV4Config
+from rwkv_infctx.model.registry import detect_family, family_named
 
 STRIPPED_PREFIXES = ("_forward_module.", "module.")
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -80,22 +81,9 @@ def _strip_prefixes(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
     return out
 
 
-def infer_config(sd: dict[str, Tensor], path: str | Path = "<state dict>", **options) -> RWKV4Config:
-    """Read n_layer, n_embd, vocab_size, dim_att and dim_ffn from the tensor shapes."""
-    for key in ("emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"):
-        if key not in sd:
-            raise UserError(f"model file {path}: missing key {key!r}; is this an RWKV-4 model?")
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    n_layer = max(layers) + 1
-    vocab_size, n_embd = sd["emb.weight"].shape
-    return RWKV4Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        vocab_size=vocab_size,
-        dim_att=sd["blocks.0.att.key.weight"].shape[0],
-        dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0],
-        **options,
-    )
+def infer_config(sd: dict[str, Tensor], path: str | Path = "<state dict>", **options):
+    """The config of the file's family (detected from its keys), read from the tensor shapes."""
+    return detect_family(sd, path).infer_config(sd, path, **options)
 
 
 def check_keys(sd: dict[str, Tensor], expected: dict[str, Tensor], path: str | Path) -> None:
@@ -113,13 +101,27 @@ def check_keys(sd: dict[str, Tensor], expected: dict[str, Tensor], path: str | P
         raise UserError(f"model file {path}: " + "; ".join(problems))
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, **options) -> RWKV4:
-    """Build an RWKV4 from a model file; dims come from the shapes, `options` set the rest."""
-    sd = read_state_dict(path)
-    model = RWKV4(infer_config(sd, path, **options))
-    check_keys(sd, model.state_dict(), path)
+def model_from_state_dict(
+    sd: dict[str, Tensor], path: str | Path = "<state dict>", arch: str = "auto", **options
+) -> nn.Module:
+    """The model of the file's family (`arch`: "auto" detects it, a family name must match it), with
+    dims from the shapes, `options` (dropout, wkv_backend) set, and the file's weights in float32."""
+    family = detect_family(sd, path)
+    if arch != "auto" and family_named(arch).name != family.name:
+        raise UserError(f"model file {path}: an {family.title} file, but model.arch is {arch}")
+    model = family.model_cls(family.infer_config(sd, path, **options))
+    expected = model.state_dict()
+    sd = {**{k: expected[k] for k in family.optional_keys if k in expected and k not in sd}, **sd}
+    check_keys(sd, expected, path)
     model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
-    return model.to(dtype)
+    return model
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, arch: str = "auto", **options
+) -> nn.Module:
+    """Build the model of a file's family; dims come from the shapes, `options` set the rest."""
+    return model_from_state_dict(read_state_dict(path), path, arch, **options).to(dtype)
 
 
 def save_state_dict(sd: dict[str, Tensor], path: str | Path, dtype: str = "bf16") -> Path:
@@ -138,5 +140,5 @@ def save_state_dict(sd: dict[str, Tensor], path: str | Path, dtype: str = "bf16"
     return path
 
 
-def save_model(model: RWKV4, path: str | Path, dtype: str = "bf16") -> Path:
+def save_model(model: nn.Module, path: str | Path, dtype: str = "bf16") -> Path:
     return save_state_dict(model.state_dict(), path, dtype)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from rwkv_infctx.errors import UserError
-from rwkv_infctx.io.model_file import check_keys, infer_config, read_state_dict
-from rwkv_infctx.model import RWKV4, RWKV4Config
-from rwkv_infctx.model.init import init_weights
-from rwkv_infctx.tokenizer import MODEL_VOCAB
+from torch import nn
 
-DIM_NAMES = ("n_layer", "n_embd", "vocab_size", "dim_att", "dim_ffn")
+from rwkv_infctx.errors import UserError
+from rwkv_infctx.io.model_file import model_from_state_dict, read_state_dict
+from rwkv_infctx.model.registry import FAMILIES, family_named, family_of
+from rwkv_infctx.tokenizer import MODEL_VOCAB
 
 
 def resolve_vocab_size(vocab_size: int | str | None) -> int | None:
@@ -26,40 +25,57 @@ def build_model(
     dropout: float = 0.0,
     seed: int = 0,
     wkv_backend: str = "auto",
-) -> RWKV4:
-    """RWKV4 from `load_model` (dims given in `dims` must agree with the file) or from `dims`.
+    arch: str = "auto",
+) -> nn.Module:
+    """The model of family `arch` from `load_model` (dims given in `dims` must agree with the file;
+    arch "auto" detects the family) or, without a file, from `dims` with the family's initialisation.
 
-    `dims` maps the names in DIM_NAMES to values or None (None: read from the file, or the
-    RWKV4Config default for dim_att/dim_ffn).
+    `dims` maps dim names to values or None (None: read from the file, or the family's default).
+    A dim that the family does not have must be None.
     """
     dims = {**dims, "vocab_size": resolve_vocab_size(dims.get("vocab_size"))}
-    for name in DIM_NAMES:
-        value = dims.get(name)
+    for name, value in dims.items():
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise UserError(f"model.{name}: {value!r} (expected a positive integer)")
     options = {"dropout": dropout, "wkv_backend": wkv_backend}
     if load_model is None:
+        if arch == "auto":
+            raise UserError(
+                f"model.arch: auto needs model.load_model to detect the family from; a new model must "
+                f"name its family (model.arch: {' or '.join(FAMILIES)})"
+            )
+        family = family_named(arch)
+        _refuse_foreign_dims(dims, family.dim_names, family.title)
         missing = [n for n in ("n_layer", "n_embd", "vocab_size") if dims.get(n) is None]
         if missing:
             raise UserError(
                 f"model.load_model: not given, so model.{', model.'.join(missing)} must be set "
                 "(to build a new model), or give load_model: a path to an RWKV-LM .pth"
             )
+        given = {n: v for n, v in dims.items() if v is not None}
         try:
-            cfg = RWKV4Config(**{n: dims.get(n) for n in DIM_NAMES}, **options)
+            cfg = family.config_cls(**given, **options)
         except ValueError as e:
             raise UserError(f"model: {e}") from None
-        return init_weights(RWKV4(cfg), seed)
-    sd = read_state_dict(load_model)
-    cfg = infer_config(sd, load_model, **options)
+        return family.init_weights(family.model_cls(cfg), seed)
+    model = model_from_state_dict(read_state_dict(load_model), load_model, arch, **options)
+    family = family_of(model)
+    _refuse_foreign_dims(dims, family.dim_names, family.title)
     wrong = [
-        f"{n}={dims[n]} but the file has {getattr(cfg, n)}"
-        for n in DIM_NAMES
-        if dims.get(n) is not None and dims[n] != getattr(cfg, n)
+        f"{n}={dims[n]} but the file has {getattr(model.cfg, n)}"
+        for n in family.dim_names
+        if dims.get(n) is not None and dims[n] != getattr(model.cfg, n)
     ]
     if wrong:
         raise UserError(f"model.load_model {load_model}: dims disagree with the config: {'; '.join(wrong)}")
-    model = RWKV4(cfg)
-    check_keys(sd, model.state_dict(), load_model)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model
+
+
+def _refuse_foreign_dims(dims: dict[str, int | str | None], allowed: tuple[str, ...], title: str) -> None:
+    """A dim that is set but not one of this family's is an error (e.g. dim_att for RWKV-7)."""
+    foreign = [n for n, v in dims.items() if v is not None and n not in allowed]
+    if foreign:
+        raise UserError(
+            f"model.{foreign[0]}: {dims[foreign[0]]!r} is set, but an {title} model has no {foreign[0]} "
+            f"(its dims: {', '.join(allowed)}); leave it null"
+        )

@@ -40,6 +40,7 @@ class RWKVModule(pl.LightningModule):
     """An RWKV language model trained on samples of any length with segmented BPTT.
 
     Args:
+        arch: Model family: rwkv4, rwkv7, or auto (detected from load_model; a new model must name it).
         load_model: RWKV-LM model file (.pth/.safetensors) to start from; null builds a new model
             from n_layer/n_embd/vocab_size with RWKV-LM's initialisation.
         ctx_len: Tokens per segment: the unit of compute and memory; samples may be any length.
@@ -48,8 +49,14 @@ class RWKVModule(pl.LightningModule):
         n_layer: Number of blocks (read from load_model; checked against it when given).
         n_embd: Model width (read from load_model; checked when given).
         vocab_size: Vocabulary size, or "neox" (50277) / "world" (65536) (read from load_model; checked).
-        dim_att: Time-mix width (default n_embd; read from load_model; checked when given).
+        dim_att: RWKV-4: time-mix width (default n_embd; read from load_model; checked when given).
         dim_ffn: Channel-mix hidden width (default 4 × n_embd; read from load_model; checked when given).
+        head_size: RWKV-7: head size (default 64, as every released model; read from load_model).
+        d_decay_lora: RWKV-7: decay LoRA dim (default: the released model's for that n_embd, else
+            RWKV-LM's formula; read from load_model).
+        d_aaa_lora: RWKV-7: in-context learning rate LoRA dim (default as d_decay_lora).
+        d_mv_lora: RWKV-7: value-residual LoRA dim (default as d_decay_lora).
+        d_gate_lora: RWKV-7: output gate LoRA dim (default as d_decay_lora).
         lr_init: Learning rate after warmup.
         lr_final: Learning rate reached at the end of training (trainer.max_steps or max_epochs).
         warmup_steps: Optimizer steps of linear warmup from 0 to lr_init.
@@ -58,7 +65,8 @@ class RWKVModule(pl.LightningModule):
         beta2: Adam beta2.
         adam_eps: Adam epsilon.
         weight_decay: Weight decay on matrices (embedding, head, linear weights) only.
-        layerwise_lr: time_decay learns at 2× and time_first at 3× the learning rate.
+        layerwise_lr: The family's per-parameter rates: RWKV-4 time_decay 2× and time_first 3×,
+            RWKV-7 att.w0 2× the learning rate.
         optimizer: adamw, adam, or sgd (plain SGD without momentum, for exactness checks).
         bptt: full (exact gradients across segments) or truncated (state detached at each boundary).
         grad_cp: Recompute each block's activations in backward (less memory per segment, ~30% slower).
@@ -82,6 +90,7 @@ class RWKVModule(pl.LightningModule):
 
     def __init__(
         self,
+        arch: Literal["auto", "rwkv4", "rwkv7"] = "auto",
         load_model: str | None = None,
         ctx_len: int = 512,
         ctx_len_cutoff: int | None = None,
@@ -90,6 +99,11 @@ class RWKVModule(pl.LightningModule):
         vocab_size: int | str | None = None,
         dim_att: int | None = None,
         dim_ffn: int | None = None,
+        head_size: int | None = None,
+        d_decay_lora: int | None = None,
+        d_aaa_lora: int | None = None,
+        d_mv_lora: int | None = None,
+        d_gate_lora: int | None = None,
         lr_init: float = 6e-4,
         lr_final: float = 1e-5,
         warmup_steps: int = 0,
@@ -141,8 +155,15 @@ class RWKVModule(pl.LightningModule):
             "vocab_size": vocab_size,
             "dim_att": dim_att,
             "dim_ffn": dim_ffn,
+            "head_size": head_size,
+            "d_decay_lora": d_decay_lora,
+            "d_aaa_lora": d_aaa_lora,
+            "d_mv_lora": d_mv_lora,
+            "d_gate_lora": d_gate_lora,
         }
-        self.model = build_model(load_model, dims, dropout=dropout, seed=seed, wkv_backend=wkv_backend)
+        self.model = build_model(
+            load_model, dims, dropout=dropout, seed=seed, wkv_backend=wkv_backend, arch=arch
+        )
         self.last_report: StepReport | None = None
         self._zero3 = False
         self._compiled = False

@@ -1,7 +1,9 @@
 """Optimizer parameter groups and the learning-rate schedule (RWKV-LM's conventions).
 
-Groups: matrices (squeezed dim ≥ 2: embedding, head, linear weights) get `weight_decay`; everything
-else none. With `layerwise_lr`, `time_decay` learns at 2× and `time_first` at 3× the base rate.
+Groups come from the model family's rule (`ModelFamily.optim_rule`): RWKV-4 puts `weight_decay` on
+matrices (squeezed dim ≥ 2) and, with `layerwise_lr`, `time_decay` at 2× and `time_first` at 3× the
+base rate; RWKV-7 (RWKV-LM train_temp) decays only matrices named `*.weight` and runs `att.w0` at 2×
+without decay.
 
 Schedule (per optimizer step s, multiplying every group's base rate):
     warmup:  lr_init · (s + 1) / warmup_steps          for s < warmup_steps
@@ -19,10 +21,10 @@ import torch
 from torch import nn
 
 from rwkv_infctx.errors import UserError
+from rwkv_infctx.model.registry import family_of
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
 DecayName = Literal["cosine", "linear", "exponential"]
-LAYERWISE_SCALES = {"time_decay": 2.0, "time_first": 3.0}
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,13 @@ class OptimConfig:
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Parameter groups with their own `lr` (base × layerwise scale) and `weight_decay`."""
+    rule = family_of(model).optim_rule
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = 1.0
-        if cfg.layerwise_lr:
-            scale = next((s for key, s in LAYERWISE_SCALES.items() if name.endswith(key)), 1.0)
-        decay = cfg.weight_decay if p.squeeze().dim() >= 2 else 0.0
+        scale, decays = rule(name, p, cfg.layerwise_lr)
+        decay = cfg.weight_decay if decays else 0.0
         groups.setdefault((scale, decay), []).append(p)
     return [
         {"params": ps, "lr": cfg.lr_init * scale, "weight_decay": decay, "lr_scale": scale}
