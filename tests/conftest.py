@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random RWKV-4 models written as RWKV-LM model files."""
+"""Shared fixtures: tiny random RWKV-4 and RWKV-7 models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from rwkv_infctx.model import RWKV4, RWKV4Config
+from rwkv_infctx.model import RWKV4, RWKV7, RWKV4Config, RWKV7Config
+from rwkv_infctx.model.rwkv7.init import init_weights as init_rwkv7
 
 
 def random_model(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> RWKV4:
@@ -27,6 +28,18 @@ def random_model(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> RWKV4:
                 p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return model.to(dtype)
+
+
+def random_rwkv7(cfg: RWKV7Config, seed: int = 0, dtype=torch.float32) -> RWKV7:
+    """train_temp's init with every weight perturbed: the all-zero matrices (output, ffn.value, the
+    first LoRA factors) made non-zero, so the state and every LoRA reach the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    model = init_rwkv7(RWKV7(cfg), seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            scale = 0.5 / max(p.shape) ** 0.5 if p.dim() == 2 else 0.1
+            p.add_(scale * torch.randn(p.shape, generator=gen))
     return model.to(dtype)
 
 

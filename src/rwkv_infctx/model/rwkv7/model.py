@@ -85,8 +85,9 @@ class TimeMix(nn.Module):
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        w_raw = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()
-        w = -F.softplus(-w_raw) - 0.5  # float32 whatever the model's dtype
+        fp = torch.promote_types(x_BTC.dtype, torch.float32)  # the decay is never below float32
+        w_raw = self.w0.to(fp) + (torch.tanh(xw @ self.w1) @ self.w2).to(fp)
+        w = -F.softplus(-w_raw) - 0.5
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         if self.layer_id == 0:
             v_first_BTC = v
