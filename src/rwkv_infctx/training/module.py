@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import save_model
+from rwkv_infctx.training.boundary_states import BoundaryPlace, check_boundary_place
 from rwkv_infctx.training.build import build_model
 from rwkv_infctx.training.callbacks import StepMetrics
 from rwkv_infctx.training.checkpointing import ResumeState
@@ -69,6 +70,9 @@ class RWKVModule(pl.LightningModule):
             RWKV-7 att.w0 2× the learning rate.
         optimizer: adamw, adam, or sgd (plain SGD without momentum, for exactness checks).
         bptt: full (exact gradients across segments) or truncated (state detached at each boundary).
+        boundary_states: Where the input state of each segment waits for the backward (bptt: full):
+            device, or cpu (host memory, pinned, copied asynchronously and brought back one segment
+            ahead; bit-identical results). The one memory cost that grows with sample length.
         grad_cp: Recompute each block's activations in backward (less memory per segment, ~30% slower).
         grad_accum_dtype: dtype of the gradient sums over a sample's segments: float32 (half-precision
             gradients summed in fp32) or param (in each parameter's dtype: with bf16 weights half the
@@ -115,6 +119,7 @@ class RWKVModule(pl.LightningModule):
         layerwise_lr: bool = True,
         optimizer: OptimizerName = "adamw",
         bptt: BpttMode = "full",
+        boundary_states: BoundaryPlace = "device",
         grad_cp: bool = False,
         grad_accum_dtype: GradAccumDtype = "float32",
         loss_chunk: int = LOSS_CHUNK,
@@ -137,6 +142,7 @@ class RWKVModule(pl.LightningModule):
             )
         check_grad_accum_dtype(grad_accum_dtype)
         check_loss_chunk(loss_chunk)
+        check_boundary_place(boundary_states)
         self.optim = OptimConfig(
             optimizer,
             lr_init,
@@ -187,6 +193,7 @@ class RWKVModule(pl.LightningModule):
                 anchor,
                 grad_accum_dtype=hp.grad_accum_dtype,
                 loss_chunk=hp.loss_chunk,
+                boundary_states=hp.boundary_states,
             )
 
         proxy, self.last_report = run_on_network(self.model, step, self._zero3, batch["input_ids"].device)

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.state import RecurrentState
+from rwkv_infctx.training.boundary_states import BoundaryPlace, BoundaryStates, check_boundary_place
 from rwkv_infctx.training.grad_sums import GradAccumDtype, GradSums, aliased_params, check_grad_accum_dtype
 from rwkv_infctx.training.loss import (
     LOSS_CHUNK,
@@ -123,6 +124,8 @@ class StepReport:
     tokens: int
     """Tokens read (B × T, padding included)."""
     ce_sum: float | None = None
+    boundary_bytes: int = 0
+    """Bytes of the saved segment input states (bptt: full), wherever model.boundary_states keeps them."""
 
     @property
     def loss(self) -> float | None:
@@ -168,6 +171,7 @@ def bptt_step(
     *,
     loss_chunk: int = LOSS_CHUNK,
     grad_accum_dtype: GradAccumDtype = "float32",
+    boundary_states: BoundaryPlace = "device",
 ) -> tuple[Tensor, StepReport]:
     """(proxy, report) for one micro-batch; `proxy.backward()` computes the exact gradients.
 
@@ -178,18 +182,21 @@ def bptt_step(
     requires grad, becomes one more input of the autograd node (its gradient is 0), so that a hook on
     its gradient runs once the parameters' gradients exist (DeepSpeed ZeRO-3's leaf-module reduction).
     `loss_chunk`: positions (rows × columns) whose logits exist at a time. `grad_accum_dtype`: the
-    dtype of the per-parameter gradient sums over segments (`GRAD_ACCUM_DTYPES`). The module doc
-    lists what is asked of the model.
+    dtype of the per-parameter gradient sums over segments (`GRAD_ACCUM_DTYPES`).
+    `boundary_states`: where the segments' input states wait for the backward (`boundary_states.py`).
+    The module doc lists what is asked of the model.
     """
     check_loss_chunk(loss_chunk)
     check_grad_accum_dtype(grad_accum_dtype)
+    check_boundary_place(boundary_states)
     inputs, targets, mask = unpack_batch(batch)
     B, T = inputs.shape
     segments = plan_segments(T, ctx_len, ctx_len_cutoff, bptt)
     report = StepReport(n_tokens=float(token_count(mask)), n_segments=len(segments), tokens=B * T)
     run = _SegmentedRun(
-        model, inputs, targets, mask, segments, grad_cp, report, n_norm, loss_chunk, grad_accum_dtype, bptt
-    )
+        model, inputs, targets, mask, segments, grad_cp, report, n_norm, loss_chunk, grad_accum_dtype, bptt,
+        boundary_states,
+    )  # fmt: skip
     return _SegmentedBPTT.apply(run, *run.params, *([] if anchor is None else [anchor])), report
 
 
@@ -255,7 +262,7 @@ class _SegmentedRun:
     loss_chunk: int = LOSS_CHUNK
     grad_accum_dtype: GradAccumDtype = "float32"
     bptt: BpttMode = "full"
-    in_states: list[RecurrentState | None] = field(default_factory=list)
+    boundary_states: BoundaryPlace = "device"
     rng_states: list[tuple[Tensor, Tensor | None] | None] = field(default_factory=list)
     rng_start: tuple[Tensor, Tensor | None] | None = None
 
@@ -271,6 +278,7 @@ class _SegmentedRun:
         self.replay_rng = self.model.training and any(
             isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.modules()
         )
+        self.in_states = BoundaryStates(self.boundary_states, self.inputs.device)
 
     def state_pass(self) -> None:
         """No-grad pass: record each segment's input state (and RNG state, for dropout)."""
@@ -284,6 +292,7 @@ class _SegmentedRun:
             last_of_piece = i + 1 == len(self.segments) or self.segments[i + 1].entry == "fresh"
             if not last_of_piece:  # the state after a piece's last segment is never needed
                 _, state = self.model.hidden(self.inputs[:, seg.start : seg.end], state, state_only=True)
+        self.report.boundary_bytes = self.in_states.nbytes
 
     def backward_pass(self, grad_out: Tensor) -> list[Tensor]:
         """The sweep of the mode; returns the parameter gradients, scaled by grad_out."""
@@ -322,8 +331,7 @@ class _SegmentedRun:
         state_grad: tuple[Tensor | None, ...] | None = None
         ce_total = 0.0
         for i in reversed(range(len(self.segments))):
-            seg, state = self.segments[i], self.in_states[i]
-            self.in_states[i] = None
+            seg, state = self.segments[i], self.in_states.take(i)
             has_tokens = self.seg_tokens[i] > 0
             if not has_tokens and state_grad is None:
                 continue  # contributes nothing: no loss and no gradient flowing through it
