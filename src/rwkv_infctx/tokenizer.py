@@ -22,6 +22,12 @@ MODEL_VOCAB = {"neox": 50277, "world": 65536}
 """The model vocabulary (embedding rows) that goes with each bundled tokenizer."""
 
 
+def default_tokenizer(vocab_size: int) -> str:
+    """The bundled tokenizer a model of `vocab_size` rows was most likely trained with: world for
+    65536 rows (every RWKV World model, RWKV-7 included), neox otherwise."""
+    return "world" if vocab_size == MODEL_VOCAB["world"] else "neox"
+
+
 def asset_path(name: str) -> Path:
     """Path of a file the package carries in `rwkv_infctx/assets`."""
     return Path(str(resources.files("rwkv_infctx") / "assets" / name))

@@ -19,6 +19,7 @@ from rwkv_infctx.evaluation.samples import Samples, batches, from_data_config, f
 from rwkv_infctx.io.atomic import check_writable
 from rwkv_infctx.io.model_file import load_model
 from rwkv_infctx.model import RWKVModel
+from rwkv_infctx.tokenizer import default_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--text", type=Path, metavar="FILE", help=".txt (one sample) or .jsonl (a 'text' per line)"
     )
-    parser.add_argument("--tokenizer", help="for --text: neox (default), world, or a tokenizer.json path")
+    parser.add_argument(
+        "--tokenizer",
+        help="for --text: neox, world, or a tokenizer.json path (default: world for 65536-row models, "
+        "else neox)",
+    )
     parser.add_argument("--max_tokens", type=int, help="evaluate at most this many tokens (default: all)")
     parser.add_argument("--segment_len", type=int, default=4096, help="tokens per forward call")
     parser.add_argument("--batch_size", type=int, default=1, help="samples per forward call")
@@ -94,11 +99,12 @@ def _check_samples(data: Samples, paths: list[Path], models: list[RWKVModel]) ->
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     labels = _labels(args)
+    models = _load_models(args.models, args.device)
     if args.data is not None:
         data = from_data_config(args.data, args.max_tokens)
     else:
-        data = from_text_file(args.text, args.tokenizer or "neox", args.max_tokens)
-    models = _load_models(args.models, args.device)
+        tokenizer = args.tokenizer or default_tokenizer(models[0].cfg.vocab_size)
+        data = from_text_file(args.text, tokenizer, args.max_tokens)
     _check_samples(data, args.models, models)
     results: Results = {}
     for label, model in zip(labels, models, strict=True):

@@ -11,7 +11,7 @@ import torch
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.generation import generate_text
 from rwkv_infctx.io.model_file import load_model
-from rwkv_infctx.tokenizer import load_tokenizer
+from rwkv_infctx.tokenizer import default_tokenizer, load_tokenizer
 
 DRAGON_PROMPT = (
     "In a shocking finding, scientist discovered a herd of dragons living in a remote, previously "
@@ -23,7 +23,11 @@ DRAGON_PROMPT = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="RWKV-LM model file (.pth or .safetensors)")
     parser.add_argument("--prompt", default=DRAGON_PROMPT, help="default: the dragon prompt")
-    parser.add_argument("--tokenizer", default="neox", help="neox, world, or a path to a tokenizer.json")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="neox, world, or a path to a tokenizer.json (default: world for a 65536-row model, else neox)",
+    )
     parser.add_argument("--max_tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     parser.add_argument("--top_p", type=float, default=0.85)
@@ -36,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max_tokens {args.max_tokens}: expected a number ≥ 0")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p {args.top_p}: expected a value in (0, 1]")
-    tokenizer = load_tokenizer(args.tokenizer)
     model = load_model(args.model).to(args.device).eval()
+    args.tokenizer = args.tokenizer or default_tokenizer(model.cfg.vocab_size)
+    tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UserError(
             f"--tokenizer {args.tokenizer}: {tokenizer.vocab_size} tokens, but {args.model} has a "
