@@ -1,0 +1,258 @@
+"""WKV-7 chunked over T: one autograd node, exact forward and hand-written backward, no token loop.
+
+Same op and conventions as `reference.py` (read its docstring first); only the way it is computed
+changes. Shape legend: B batch, T time, H heads, N head size, L chunk length, n = ceil(T/L) chunks,
+G = B·H heads batched together. Internally every input is laid out (G, n, L, N), zero-padded to n·L
+tokens with identity steps (w → log-decay 0, a = b = k = v = r = 0, which leave S unchanged).
+
+Forward, per head and chunk, from the chunk's start state S0 (N×N, rows value, columns key). With
+the log-decay λ_t = -exp(w_t) and its cumulative sum g_t = λ_1 + … + λ_t (g_0 = 0), the state
+before token t is S0·e^{g_{t-1}} plus every earlier token's rank-one writes decayed by
+e^{g_{t-1} - g_s}. Write u_t = S_{t-1} a_t (what the state holds at the removal key); then
+
+    U = A_ab U + Ã S0ᵀ + A_ak V        so  U = (I - A_ab)⁻¹ (Ã S0ᵀ + A_ak V) = W̃ S0ᵀ + U0
+    Y = R̃ S0ᵀ + A_rb U + A_rk V
+    S_L = S0 (e^{g_L} + W̃ᵀ B̂) + U0ᵀ B̂ + Vᵀ K̂ = S0 M + H
+
+with the factors Ã_t = a_t e^{g_{t-1}}, R̃_t = r_t e^{g_t}, B̃_s = b_s e^{-g_s}, K̃_s = k_s e^{-g_s},
+B̂_s = b_s e^{g_L - g_s}, K̂_s = k_s e^{g_L - g_s}, and the L×L matrices A_ab = Ã B̃ᵀ, A_ak = Ã K̃ᵀ
+(strictly lower), A_rb = R̃ B̃ᵀ, A_rk = R̃ K̃ᵀ (lower, their diagonals r_t·b_t and r_t·k_t formed
+directly). The unit-triangular system is one batched triangular solve per chunk. Everything but
+S_{c+1} = S_c M_c + H_c is parallel over chunks; that scan is one N×N GEMM per chunk.
+
+Exactness: the factored products e^{g_{t-1}}·e^{-g_s} equal e^{g_{t-1} - g_s} to rounding as long
+as neither factor leaves the normal range. With the model's w ≤ -0.5 (|λ| < 0.61) a chunk spans at
+most 0.61·L nats; inputs with faster decays get a shorter chunk for that call (L·max|λ| ≤ 60 in
+fp32, 600 in fp64; one token per chunk at worst), so any finite input is computed exactly.
+
+Backward: the chunks' M_c and their own-output terms Q_c = dYᵀ(R̃ + A_rb W̃) are recomputed and
+the state gradient is carried in reverse, dS_{c} = dS_{c+1} M_cᵀ + Q_c (the gradient on the end
+state, dS_T, enters at the last chunk; the one on S0 leaves from the first). Given each chunk's
+start state and end-state gradient, the gradients of all its tokens follow in parallel from the
+formulas above by hand (in `_chunk_grads`); the log-decay gradient is a reverse cumulative sum of
+the per-position terms, and dw = dλ·λ.
+
+Memory: saved for backward are the six inputs (as given) and the state at each chunk start,
+n·G·N² numbers, = T·C·N/L; nothing else. Temporaries are bounded by GROUP_TOKENS tokens of chunk
+terms at a time, whatever T is.
+
+CHUNK_LEN = 32 was chosen with bench/wkv7_cpu.py (B=1, H=2, N=64 on 2 CPU cores): 16 and 64 were
+slower on fp32 forward+backward at T = 4096 and 32768 (see docs/model.md, "WKV-7").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rwkv_infctx.ops.wkv4.chunked import _without_autocast
+from rwkv_infctx.ops.wkv7.reference import compute_dtype
+
+CHUNK_LEN = 32
+"""Tokens per chunk (see the module docstring for how it was chosen)."""
+
+GROUP_TOKENS = 2048
+"""Tokens whose chunk terms are formed at once: bounds the temporaries for any T."""
+
+_RANGE_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
+"""Largest log-decay range (nats) inside one chunk: e^{±limit} stays normal in the dtype."""
+
+
+def chunk_len_for(lam_min: float, dt: torch.dtype, chunk_len: int) -> int:
+    """The chunk length for a call whose fastest log-decay is lam_min (<= 0): chunk_len unless the
+    chunk would span more than the dtype's exponent range, then the longest length that does not."""
+    rate, limit = -lam_min, _RANGE_LIMIT[dt]
+    if math.isnan(rate) or rate * chunk_len <= limit:
+        return chunk_len
+    return max(1, int(limit // rate))
+
+
+def _to_chunks(x: Tensor, dt: torch.dtype, L: int, n: int) -> Tensor:
+    """(B, T, H, N) -> (B·H, n, L, N) in dt, zero-padded to n·L tokens."""
+    B, T, H, N = x.shape
+    out = x.new_zeros((B, H, n * L, N), dtype=dt)
+    out[:, :, :T] = x.permute(0, 2, 1, 3)
+    return out.view(B * H, n, L, N)
+
+
+def _from_chunks(x: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """(B·H, n, L, N) -> (B, T, H, N) in dtype, padding dropped."""
+    B, T, H, N = shape
+    out = torch.empty(shape, dtype=dtype, device=x.device)
+    out.copy_(x.view(B, H, -1, N)[:, :, :T].permute(0, 2, 1, 3))
+    return out
+
+
+def _block_mask(L: int, device) -> Tensor:
+    """(2L, 2L) bool: each of the four L×L blocks strictly lower triangular."""
+    lower = torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
+    return lower.repeat(2, 2)
+
+
+class _Terms:
+    """One group of chunks' factors and matrices; inputs (G, g, L, N) in the compute dtype."""
+
+    def __init__(self, r: Tensor, lam: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, mask: Tensor):
+        L = r.shape[-2]
+        self.L, self.lam, self.r, self.k, self.v, self.a, self.b = L, lam, r, k, v, a, b
+        g = lam.cumsum(-2)  # g_t, t = 1..L
+        self.eg = g.exp()
+        self.egp = F.pad(self.eg[..., :-1, :], (0, 0, 1, 0), value=1.0)  # e^{g_{t-1}}
+        # Clamped only where a one-token chunk decays past the range; such factors meet no kept entry.
+        self.einv = (-g).clamp_(max=_RANGE_LIMIT[g.dtype]).exp_()
+        self.eL = (g[..., -1:, :] - g).exp_()
+        self.egL = self.eg[..., -1, :]
+        self.X1 = torch.cat([a * self.egp, r * self.eg], -2)  # [Ã; R̃] (G, g, 2L, N)
+        self.X2 = torch.cat([b * self.einv, k * self.einv], -2)  # [B̃; K̃]
+        self.BK = torch.cat([b * self.eL, k * self.eL], -2)  # [B̂; K̂]
+        self.P = (self.X1 @ self.X2.mT).masked_fill_(~mask, 0.0)  # [[A_ab, A_ak], [A_rb, A_rk]]
+        self.rb = (r * b).sum(-1, keepdim=True)  # diagonals of A_rb, A_rk (G, g, L, 1)
+        self.rk = (r * k).sum(-1, keepdim=True)
+        rhs = torch.cat([self.X1[..., :L, :], self.P[..., :L, L:] @ v], -1)
+        Z = torch.linalg.solve_triangular(-self.P[..., :L, :L], rhs, upper=False, unitriangular=True)
+        N = r.shape[-1]
+        self.W, self.U0 = Z[..., :N], Z[..., N:]
+        self.M = self.W.mT @ self.BK[..., :L, :]  # (G, g, N, N) [key, key]
+        self.M.diagonal(dim1=-2, dim2=-1).add_(self.egL)
+
+    def outputs(self, S0: Tensor) -> Tensor:
+        """Y (G, g, L, N) from each chunk's start state S0 (G, g, N, N)."""
+        L = self.L
+        U = self.W @ S0.mT + self.U0
+        Y = self.X1[..., L:, :] @ S0.mT + self.P[..., L:, :] @ torch.cat([U, self.v], -2)
+        return Y.addcmul_(self.rb, U).addcmul_(self.rk, self.v)
+
+
+def _scan_forward(S: Tensor, M: Tensor, H: Tensor, starts: Tensor) -> Tensor:
+    """S_{c+1} = S_c M_c + H_c over the group's chunks; writes each S_c to starts; returns the last."""
+    for c in range(M.shape[1]):
+        starts[:, c] = S
+        S = torch.baddbmm(H[:, c], S, M[:, c])
+    return S
+
+
+def _scan_backward(dS: Tensor, M: Tensor, Q: Tensor, dS_end: Tensor) -> Tensor:
+    """dS_c = dS_{c+1} M_cᵀ + Q_c in reverse; writes each chunk's end-state gradient to dS_end."""
+    for c in range(M.shape[1] - 1, -1, -1):
+        dS_end[:, c] = dS
+        dS = torch.baddbmm(Q[:, c], dS, M[:, c].mT)
+    return dS
+
+
+def _chunk_grads(t: _Terms, S0: Tensor, dY: Tensor, dSL: Tensor, mask: Tensor) -> list[Tensor]:
+    """Gradients (r, w, k, v, a, b) of one group, (G, g, L, N) each, from the chunks' start states
+    S0, output gradients dY and end-state gradients dSL."""
+    L = t.L
+    U = t.W @ S0.mT + t.U0
+    UV = torch.cat([U, t.v], -2)
+    P_rb, P_rk = t.P[..., L:, :L], t.P[..., L:, L:]
+    dU = (t.BK[..., :L, :] @ dSL.mT).add_(P_rb.mT @ dY).addcmul_(t.rb, dY)
+    dX = torch.linalg.solve_triangular(-t.P[..., :L, :L].mT, dU, upper=True, unitriangular=True)
+    dXY = torch.cat([dX, dY], -2)
+    dv = (t.BK[..., L:, :] @ dSL.mT).add_(t.P[..., :, L:].mT @ dXY).addcmul_(t.rk, dY)
+    dP = (dXY @ UV.mT).masked_fill_(~mask, 0.0)
+    dX1 = (dXY @ S0).add_(dP @ t.X2)  # [dÃ; dR̃]
+    dX2 = dP.mT @ t.X1  # [dB̃; dK̃]
+    dBK = UV @ dSL  # [dB̂; dK̂]
+    drb, drk = (dY * U).sum(-1, keepdim=True), (dY * t.v).sum(-1, keepdim=True)
+
+    da = dX1[..., :L, :] * t.egp
+    dr = (dX1[..., L:, :] * t.eg).addcmul_(drb, t.b).addcmul_(drk, t.k)
+    db = (dX2[..., :L, :] * t.einv).addcmul_(dBK[..., :L, :], t.eL).addcmul_(drb, t.r)
+    dk = (dX2[..., L:, :] * t.einv).addcmul_(dBK[..., L:, :], t.eL).addcmul_(drk, t.r)
+
+    # Gradient on g_t from each factor; g_{t-1} of Ã shifts one place, g_L also scales B̂, K̂ and S0.
+    dX1X1, dX2X2, dBKBK = dX1 * t.X1, dX2 * t.X2, dBK * t.BK
+    dg = dX1X1[..., L:, :] - dX2X2[..., :L, :] - dX2X2[..., L:, :] - dBKBK[..., :L, :] - dBKBK[..., L:, :]
+    dg[..., :-1, :] += dX1X1[..., 1:L, :]
+    dg[..., -1, :] += dBKBK.sum(-2) + t.egL * (S0 * dSL).sum(-2)
+    dlam = dg.flip(-2).cumsum(-2).flip(-2)  # λ_t enters every g_τ with τ >= t
+    return [dr, dlam * t.lam, dk, dv, da, db]  # dw = dλ·λ since λ = -e^w
+
+
+class WKV7Chunked(torch.autograd.Function):
+    """Autograd node for WKV-7 with state in and out, computed chunk by chunk (exact gradients).
+
+    apply(r, w, k, v, a, b, state[, chunk_len]) -> (y, S_T), exactly as `wkv7_reference`.
+    """
+
+    @staticmethod
+    @_without_autocast
+    def forward(ctx, r, w, k, v, a, b, state, chunk_len=None):
+        _check_shapes(r, w, k, v, a, b, state)
+        dt = compute_dtype(r, w, k, v, a, b, state)
+        B, T, H, N = r.shape
+        ctx.shape, ctx.dtypes = r.shape, [x.dtype for x in (r, w, k, v, a, b, state)]
+        S = state.detach().to(dt).reshape(B * H, N, N).clone()
+        if T == 0:
+            ctx.L = 0
+            return r.new_empty(r.shape), S.view(B, H, N, N)
+        lam_min = -w.detach().to(dt).max().exp().item()
+        L = chunk_len_for(lam_min, dt, int(chunk_len or CHUNK_LEN))
+        n = -(-T // L)
+        r_, k_, v_, a_, b_ = (_to_chunks(x.detach(), dt, L, n) for x in (r, k, v, a, b))
+        lam = _to_chunks(-w.detach().to(dt).exp(), dt, L, n)
+        mask = _block_mask(L, r.device)
+        starts = S.new_empty(B * H, n, N, N)
+        Y = torch.empty_like(r_)
+        step = max(1, GROUP_TOKENS // L)
+        for c0 in range(0, n, step):
+            cs = slice(c0, min(c0 + step, n))
+            t = _Terms(r_[:, cs], lam[:, cs], k_[:, cs], v_[:, cs], a_[:, cs], b_[:, cs], mask)
+            H_ = torch.cat([t.U0, t.v], -2).mT @ t.BK  # (G, g, N, N)
+            S = _scan_forward(S, t.M, H_, starts[:, cs])
+            Y[:, cs] = t.outputs(starts[:, cs])
+        ctx.L = L
+        ctx.save_for_backward(r, w, k, v, a, b, starts)
+        return _from_chunks(Y, r.shape, r.dtype), S.view(B, H, N, N)
+
+    @staticmethod
+    @_without_autocast
+    def backward(ctx, dy, dS_T):
+        B, T, H, N = ctx.shape
+        if ctx.L == 0:
+            dS0 = torch.zeros(B, H, N, N) if dS_T is None else dS_T
+            zero = torch.zeros(ctx.shape, device=dS0.device)
+            return (*(zero.to(d) for d in ctx.dtypes[:6]), dS0.to(ctx.dtypes[6], copy=True), None)
+        r, w, k, v, a, b, starts = ctx.saved_tensors
+        dt, L, n = starts.dtype, ctx.L, starts.shape[1]
+        r_, k_, v_, a_, b_ = (_to_chunks(x, dt, L, n) for x in (r, k, v, a, b))
+        lam = _to_chunks(-w.to(dt).exp(), dt, L, n)
+        dY = torch.zeros_like(r_) if dy is None else _to_chunks(dy, dt, L, n)
+        dS = starts.new_zeros(B * H, N, N) if dS_T is None else dS_T.to(dt).reshape(B * H, N, N).clone()
+        mask = _block_mask(L, r.device)
+        grads = [torch.empty_like(r_) for _ in range(6)]
+        step = max(1, GROUP_TOKENS // L)
+        for c0 in reversed(range(0, n, step)):
+            cs = slice(c0, min(c0 + step, n))
+            t = _Terms(r_[:, cs], lam[:, cs], k_[:, cs], v_[:, cs], a_[:, cs], b_[:, cs], mask)
+            Q = dY[:, cs].mT @ (t.X1[..., L:, :] + (t.P[..., L:, :L] @ t.W).addcmul_(t.rb, t.W))
+            dSL = torch.empty_like(starts[:, cs])
+            dS = _scan_backward(dS, t.M, Q, dSL)
+            for out, g in zip(grads, _chunk_grads(t, starts[:, cs], dY[:, cs], dSL, mask), strict=True):
+                out[:, cs] = g
+        outs = [_from_chunks(g, ctx.shape, d) for g, d in zip(grads, ctx.dtypes, strict=False)]
+        return (*outs, dS.view(B, H, N, N).to(ctx.dtypes[6], copy=True), None)
+
+
+def _check_shapes(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor) -> None:
+    """Equal (B, T, H, N) inputs and a (B, H, N, N) state, or ValueError."""
+    if r.dim() != 4 or any(x.shape != r.shape for x in (w, k, v, a, b)):
+        shapes = ", ".join(str(tuple(x.shape)) for x in (r, w, k, v, a, b))
+        raise ValueError(f"wkv7: r, w, k, v, a, b must share one (B, T, H, N) shape, got {shapes}")
+    B, _, H, N = r.shape
+    if state.shape != (B, H, N, N):
+        raise ValueError(f"wkv7: state must be {(B, H, N, N)} for inputs {tuple(r.shape)}, got {tuple(state.shape)}")
+
+
+@torch.compiler.disable  # model.compile: the op stays eager (a graph break), its own backward kept
+def wkv7_chunked(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor, chunk_len: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Same contract as `wkv7_reference`: y (B, T, H, N) in r's dtype and the final state
+    (B, H, N, N) in the compute dtype. chunk_len: tokens per chunk (default CHUNK_LEN); any value
+    gives the same result up to rounding."""
+    return WKV7Chunked.apply(r, w, k, v, a, b, state, chunk_len)
