@@ -130,7 +130,7 @@ def _scan_forward(S: Tensor, M: Tensor, H: Tensor, starts: Tensor) -> Tensor:
     """S_{c+1} = S_c M_c + H_c over the group's chunks; writes each S_c to starts; returns the last."""
     for c in range(M.shape[1]):
         starts[:, c] = S
-        S = torch.baddbmm(H[:, c], S, M[:, c])
+        S = torch.bmm(S, M[:, c]).add_(H[:, c])  # (baddbmm takes a slow path on the CPU)
     return S
 
 
@@ -138,7 +138,7 @@ def _scan_backward(dS: Tensor, M: Tensor, Q: Tensor, dS_end: Tensor) -> Tensor:
     """dS_c = dS_{c+1} M_cᵀ + Q_c in reverse; writes each chunk's end-state gradient to dS_end."""
     for c in range(M.shape[1] - 1, -1, -1):
         dS_end[:, c] = dS
-        dS = torch.baddbmm(Q[:, c], dS, M[:, c].mT)
+        dS = torch.bmm(dS, M[:, c].mT).add_(Q[:, c])
     return dS
 
 
@@ -245,12 +245,21 @@ def _check_shapes(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
         raise ValueError(f"wkv7: r, w, k, v, a, b must share one (B, T, H, N) shape, got {shapes}")
     B, _, H, N = r.shape
     if state.shape != (B, H, N, N):
-        raise ValueError(f"wkv7: state must be {(B, H, N, N)} for inputs {tuple(r.shape)}, got {tuple(state.shape)}")
+        raise ValueError(
+            f"wkv7: state must be {(B, H, N, N)} for inputs {tuple(r.shape)}, got {tuple(state.shape)}"
+        )
 
 
 @torch.compiler.disable  # model.compile: the op stays eager (a graph break), its own backward kept
 def wkv7_chunked(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor, chunk_len: int | None = None
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    state: Tensor,
+    chunk_len: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `wkv7_reference`: y (B, T, H, N) in r's dtype and the final state
     (B, H, N, N) in the compute dtype. chunk_len: tokens per chunk (default CHUNK_LEN); any value
