@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -39,7 +40,7 @@ def generic_inputs(B: int, T: int, H: int, N: int, seed: int = 0, w_scale: float
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(B, T, H, N, generator=g, dtype=torch.float64) * 0.5 for _ in range(6)]
     xs[1] = xs[1] * 2 * w_scale
-    return xs + [torch.randn(B, H, N, N, generator=g, dtype=torch.float64) * 0.3]
+    return [*xs, torch.randn(B, H, N, N, generator=g, dtype=torch.float64) * 0.3]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,7 +146,7 @@ def _split_run(inputs, cuts, chunk_len=None):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     S, ys = leaves[6], []
     bounds = [0, *cuts, inputs[0].shape[1]]
-    for t0, t1 in zip(bounds[:-1], bounds[1:], strict=True):
+    for t0, t1 in itertools.pairwise(bounds):
         y, S = wkv7_chunked(*(x[:, t0:t1] for x in leaves[:6]), S, chunk_len=chunk_len)
         ys.append(y)
     y = torch.cat(ys, 1)

@@ -148,8 +148,7 @@ def _chunk_grads(t: _Terms, S0: Tensor, dY: Tensor, dSL: Tensor, mask: Tensor) -
     L = t.L
     U = t.W @ S0.mT + t.U0
     UV = torch.cat([U, t.v], -2)
-    P_rb, P_rk = t.P[..., L:, :L], t.P[..., L:, L:]
-    dU = (t.BK[..., :L, :] @ dSL.mT).add_(P_rb.mT @ dY).addcmul_(t.rb, dY)
+    dU = (t.BK[..., :L, :] @ dSL.mT).add_(t.P[..., L:, :L].mT @ dY).addcmul_(t.rb, dY)
     dX = torch.linalg.solve_triangular(-t.P[..., :L, :L].mT, dU, upper=True, unitriangular=True)
     dXY = torch.cat([dX, dY], -2)
     dv = (t.BK[..., L:, :] @ dSL.mT).add_(t.P[..., :, L:].mT @ dXY).addcmul_(t.rk, dY)
@@ -212,7 +211,7 @@ class WKV7Chunked(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def backward(ctx, dy, dS_T):
-        B, T, H, N = ctx.shape
+        B, _, H, N = ctx.shape
         if ctx.L == 0:
             dS0 = torch.zeros(B, H, N, N) if dS_T is None else dS_T
             zero = torch.zeros(ctx.shape, device=dS0.device)
