@@ -1,0 +1,181 @@
+"""WKV-7 on the CPU: the reference loop vs the chunked op, time and memory, side by side.
+
+Run: python bench/wkv7_cpu.py [--lengths 512,4096,32768] [--chunk-lens 32] [--threads 1]
+
+Each (op, T, chunk length) cell runs in a fresh child process whose environment tames glibc's
+allocator (MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0; shared/NOTES-segments.md
+item 4), so its peak RSS reflects live memory. Per cell: fwd = forward under no_grad, fwd+bwd =
+forward and one backward with gradients for r, w, k, v, a, b and S0 and a loss on y and S_T (best
+of --repeats runs, ms); saved = bytes of the distinct storages autograd keeps for the backward
+(counted with saved_tensors_hooks); peak = the child's peak RSS during one fwd+bwd minus its RSS
+before it (MB). Inputs are fp32 in the RWKV-7 block's ranges with a non-zero S0.
+
+The reference's graph holds several (B, H, N, N) tensors per token; above --ref-max-t tokens it is
+not run and its cells say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+TAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
+
+
+def make_inputs(B: int, T: int, H: int, N: int, seed: int = 0) -> list[torch.Tensor]:
+    """fp32 inputs as the RWKV-7 block makes them (see tests/ops/test_wkv7_chunked.py), S0 random."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, T, H, N)
+    r = torch.randn(shape, generator=g) * 0.5
+    w = -F.softplus(-(torch.randn(shape, generator=g) * 2 - 1)) - 0.5
+    k = torch.randn(shape, generator=g) * 0.5
+    v = torch.randn(shape, generator=g)
+    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
+    alpha = torch.rand(shape, generator=g)
+    S0 = torch.randn(B, H, N, N, generator=g) * 0.3
+    return [x.requires_grad_() for x in (r, w, k, v, -kappa, kappa * alpha, S0)]
+
+
+def _op(name: str, chunk_len: int):
+    if name == "reference":
+        from rwkv_infctx.ops.wkv7.reference import wkv7_reference
+
+        return wkv7_reference
+    from rwkv_infctx.ops.wkv7.chunked import wkv7_chunked
+
+    return lambda *xs: wkv7_chunked(*xs, chunk_len=chunk_len)
+
+
+def _fwd_bwd(fn, inputs) -> None:
+    y, S = fn(*inputs)
+    torch.autograd.grad(y.square().sum() + S.sum(), inputs)
+
+
+def _best_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(op: str, B: int, T: int, H: int, N: int, chunk_len: int, repeats: int, threads: int) -> dict:
+    """One cell, measured in this process: times, saved bytes and peak RSS growth."""
+    torch.set_num_threads(threads)
+    fn, inputs = _op(op, chunk_len), make_inputs(B, T, H, N)
+    _fwd_bwd(fn, make_inputs(B, min(T, 64), H, N))  # load and initialise the kernels first
+    base = _rss_mb()
+    _fwd_bwd(fn, inputs)  # the first full-size run: peak memory
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    saved = sum(storages.values()) / 2**20
+
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    return {
+        "fwd": _best_ms(fwd, repeats),
+        "fwd_bwd": _best_ms(lambda: _fwd_bwd(fn, inputs), repeats),
+        "saved": saved,
+        "peak": peak,
+    }
+
+
+def run_cell(args, op: str, T: int, chunk_len: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", op, str(T), str(chunk_len), str(repeats)]
+    cmd += ["--B", str(args.B), "--H", str(args.H), "--N", str(args.N), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, env={**os.environ, **TAME_MALLOC}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cells(ref: dict | None, ch: dict) -> list[str]:
+    """For fwd, fwd+bwd, saved and peak: the reference, the chunked op and reference / chunked."""
+    cells = []
+    for key in ("fwd", "fwd_bwd", "saved", "peak"):
+        if ref is None:
+            cells += ["not run", f"{ch[key]:.1f}", "-"]
+        else:
+            cells += [f"{ref[key]:.1f}", f"{ch[key]:.1f}", f"{ref[key] / max(ch[key], 1e-9):.1f}x"]
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", default="512,4096,32768")
+    parser.add_argument("--chunk-lens", default="32", help="comma-separated chunk lengths for the chunked op")
+    parser.add_argument("--B", type=int, default=1)
+    parser.add_argument("--H", type=int, default=2)
+    parser.add_argument("--N", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per timing (the reference: at most 2)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ref-max-t", type=int, default=4096, help="longest T the reference is run at")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        op, T, chunk_len, repeats = args.child[0], *map(int, args.child[1:])
+        print(json.dumps(child(op, args.B, T, args.H, args.N, chunk_len, repeats, args.threads)))
+        return
+
+    print(
+        f"{datetime.date.today()} · {platform.processor() or platform.machine()} · "
+        f"torch {torch.__version__} · {args.threads} thread(s) · fp32 · "
+        f"B={args.B} H={args.H} N={args.N} (C={args.H * args.N}) · "
+        f"best of {args.repeats} (reference: of {min(args.repeats, 2)})\n"
+    )
+    cols = [
+        "T",
+        "L",
+        "ref fwd ms",
+        "chunked fwd ms",
+        "ratio",
+        "ref fwd+bwd ms",
+        "chunked fwd+bwd ms",
+        "ratio",
+    ]
+    cols += ["ref saved MB", "chunked saved MB", "ratio", "ref peak MB", "chunked peak MB", "ratio"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols), flush=True)
+    notes = []
+    for n_tok in (int(x) for x in args.lengths.split(",")):
+        ref = None
+        if n_tok > args.ref_max_t:
+            notes.append(
+                f"T={n_tok}: reference not run (T > --ref-max-t {args.ref_max_t}: its graph grows as T·H·N²)"
+            )
+        else:
+            ref = run_cell(args, "reference", n_tok, 0, min(args.repeats, 2))
+        for L in (int(x) for x in args.chunk_lens.split(",")):
+            ch = run_cell(args, "chunked", n_tok, L, args.repeats)
+            print(f"| {n_tok} | {L} | " + " | ".join(_cells(ref, ch)) + " |", flush=True)
+    for note in notes:
+        print(f"\n{note}")
+
+
+if __name__ == "__main__":
+    main()
