@@ -243,3 +243,39 @@ def test_bad_shapes_are_refused():
         wkv7_chunked(r, w[:, :4], k, v, a, b, S0)
     with pytest.raises(ValueError, match="state"):
         wkv7_chunked(r, w, k, v, a, b, S0[:1])
+
+
+def _per_token_backward(inputs, gy, gS):
+    """The per-token backward recurrences written out (fp64, B = H = 1 as plain matrices): an
+    oracle for the gradients that shares no code or formula layout with the chunked op."""
+    r, w, k, v, a, b = (x[0, :, 0] for x in inputs[:6])  # (T, N)
+    d = torch.exp(-torch.exp(w))
+    states = [inputs[6][0, 0]]
+    for t in range(r.shape[0]):
+        S = states[-1]
+        states.append(S * d[t] + torch.outer(S @ a[t], b[t]) + torch.outer(v[t], k[t]))
+    dS, grads = gS[0, 0].clone(), [torch.zeros_like(r) for _ in range(6)]
+    dr, dw, dk, dv, da, db = grads
+    for t in reversed(range(r.shape[0])):
+        S, S_prev = states[t + 1], states[t]
+        dy = gy[0, t, 0]
+        dr[t] = S.T @ dy
+        dS += torch.outer(dy, r[t])
+        dv[t], dk[t] = dS @ k[t], dS.T @ v[t]
+        dSb = dS @ b[t]
+        da[t], db[t] = S_prev.T @ dSb, dS.T @ (S_prev @ a[t])
+        dw[t] = (S_prev * dS).sum(0) * d[t] * -torch.exp(w[t])
+        dS = dS * d[t] + torch.outer(dSb, a[t])
+    return [g[None, :, None] for g in grads] + [dS[None, None]]
+
+
+def test_matches_per_token_backward_recurrences():
+    inputs = model_inputs(1, 50, 1, 8, seed=21, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    gy = torch.randn(inputs[0].shape, generator=g, dtype=torch.float64)
+    gS = torch.randn(inputs[6].shape, generator=g, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    y, S = wkv7_chunked(*leaves, chunk_len=16)
+    ours = torch.autograd.grad((y * gy).sum() + (S * gS).sum(), leaves)
+    for name, a, b in zip(NAMES, ours, _per_token_backward(inputs, gy, gS), strict=True):
+        assert _rel(a, b) < 1e-12, name
