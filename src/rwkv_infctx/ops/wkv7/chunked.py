@@ -70,20 +70,26 @@ def chunk_len_for(lam_min: float, dt: torch.dtype, chunk_len: int) -> int:
     return max(1, int(limit // rate))
 
 
-def _to_chunks(x: Tensor, dt: torch.dtype, L: int, n: int) -> Tensor:
-    """(B, T, H, N) -> (B·H, n, L, N) in dt, zero-padded to n·L tokens."""
-    B, T, H, N = x.shape
-    out = x.new_zeros((B, H, n * L, N), dtype=dt)
-    out[:, :, :T] = x.permute(0, 2, 1, 3)
-    return out.view(B * H, n, L, N)
+def _to_chunks(x: Tensor, dt: torch.dtype, L: int, t0: int, t1: int, fill: float = 0.0) -> Tensor:
+    """Tokens t0:t1 of (B, T, H, N) -> (B·H, g, L, N) in dt, g = ceil((t1 - t0) / L), padded with fill."""
+    B, _, H, N = x.shape
+    g = -(-(t1 - t0) // L)
+    out = x.new_full((B, H, g * L, N), fill, dtype=dt)
+    out[:, :, : t1 - t0] = x[:, t0:t1].permute(0, 2, 1, 3)
+    return out.view(B * H, g, L, N)
 
 
-def _from_chunks(x: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """(B·H, n, L, N) -> (B, T, H, N) in dtype, padding dropped."""
-    B, T, H, N = shape
-    out = torch.empty(shape, dtype=dtype, device=x.device)
-    out.copy_(x.view(B, H, -1, N)[:, :, :T].permute(0, 2, 1, 3))
-    return out
+def _store(out: Tensor, x: Tensor, t0: int, t1: int) -> None:
+    """Write chunks (B·H, g, L, N) into tokens t0:t1 of out (B, T, H, N), padding dropped."""
+    B, _, H, N = out.shape
+    out[:, t0:t1] = x.view(B, H, -1, N)[:, :, : t1 - t0].permute(0, 2, 1, 3)
+
+
+def _groups(T: int, L: int) -> list[tuple[int, int, slice]]:
+    """(first token, end token, chunk slice) of each group of at most GROUP_TOKENS tokens."""
+    step = max(1, GROUP_TOKENS // L)
+    n = -(-T // L)
+    return [(c * L, min((c + step) * L, T), slice(c, min(c + step, n))) for c in range(0, n, step)]
 
 
 def _block_mask(L: int, device) -> Tensor:
@@ -95,8 +101,10 @@ def _block_mask(L: int, device) -> Tensor:
 class _Terms:
     """One group of chunks' factors and matrices; inputs (G, g, L, N) in the compute dtype."""
 
-    def __init__(self, r: Tensor, lam: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, mask: Tensor):
-        L = r.shape[-2]
+    def __init__(self, inputs: list[Tensor], dt: torch.dtype, L: int, t0: int, t1: int, mask: Tensor):
+        r, w, k, v, a, b = inputs
+        r, k, v, a, b = (_to_chunks(x, dt, L, t0, t1) for x in (r, k, v, a, b))
+        lam = _to_chunks(w, dt, L, t0, t1, fill=-math.inf).exp_().neg_()  # λ = -e^w; 0 when padded
         self.L, self.lam, self.r, self.k, self.v, self.a, self.b = L, lam, r, k, v, a, b
         g = lam.cumsum(-2)  # g_t, t = 1..L
         self.eg = g.exp()
@@ -189,24 +197,20 @@ class WKV7Chunked(torch.autograd.Function):
         if T == 0:
             ctx.L = 0
             return r.new_empty(r.shape), S.view(B, H, N, N)
-        lam_min = -w.detach().to(dt).max().exp().item()
+        lam_min = -w.detach().max().to(dt).exp().item()
         L = chunk_len_for(lam_min, dt, int(chunk_len or CHUNK_LEN))
-        n = -(-T // L)
-        r_, k_, v_, a_, b_ = (_to_chunks(x.detach(), dt, L, n) for x in (r, k, v, a, b))
-        lam = _to_chunks(-w.detach().to(dt).exp(), dt, L, n)
+        inputs = [x.detach() for x in (r, w, k, v, a, b)]
         mask = _block_mask(L, r.device)
-        starts = S.new_empty(B * H, n, N, N)
-        Y = torch.empty_like(r_)
-        step = max(1, GROUP_TOKENS // L)
-        for c0 in range(0, n, step):
-            cs = slice(c0, min(c0 + step, n))
-            t = _Terms(r_[:, cs], lam[:, cs], k_[:, cs], v_[:, cs], a_[:, cs], b_[:, cs], mask)
+        starts = S.new_empty(B * H, -(-T // L), N, N)
+        y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
+        for t0, t1, cs in _groups(T, L):
+            t = _Terms(inputs, dt, L, t0, t1, mask)
             H_ = torch.cat([t.U0, t.v], -2).mT @ t.BK  # (G, g, N, N)
             S = _scan_forward(S, t.M, H_, starts[:, cs])
-            Y[:, cs] = t.outputs(starts[:, cs])
+            _store(y, t.outputs(starts[:, cs]), t0, t1)
         ctx.L = L
         ctx.save_for_backward(r, w, k, v, a, b, starts)
-        return _from_chunks(Y, r.shape, r.dtype), S.view(B, H, N, N)
+        return y, S.view(B, H, N, N)
 
     @staticmethod
     @_without_autocast
@@ -216,25 +220,20 @@ class WKV7Chunked(torch.autograd.Function):
             dS0 = torch.zeros(B, H, N, N) if dS_T is None else dS_T
             zero = torch.zeros(ctx.shape, device=dS0.device)
             return (*(zero.to(d) for d in ctx.dtypes[:6]), dS0.to(ctx.dtypes[6], copy=True), None)
-        r, w, k, v, a, b, starts = ctx.saved_tensors
-        dt, L, n = starts.dtype, ctx.L, starts.shape[1]
-        r_, k_, v_, a_, b_ = (_to_chunks(x, dt, L, n) for x in (r, k, v, a, b))
-        lam = _to_chunks(-w.to(dt).exp(), dt, L, n)
-        dY = torch.zeros_like(r_) if dy is None else _to_chunks(dy, dt, L, n)
+        *inputs, starts = ctx.saved_tensors
+        dt, L, T = starts.dtype, ctx.L, ctx.shape[1]
         dS = starts.new_zeros(B * H, N, N) if dS_T is None else dS_T.to(dt).reshape(B * H, N, N).clone()
-        mask = _block_mask(L, r.device)
-        grads = [torch.empty_like(r_) for _ in range(6)]
-        step = max(1, GROUP_TOKENS // L)
-        for c0 in reversed(range(0, n, step)):
-            cs = slice(c0, min(c0 + step, n))
-            t = _Terms(r_[:, cs], lam[:, cs], k_[:, cs], v_[:, cs], a_[:, cs], b_[:, cs], mask)
-            Q = dY[:, cs].mT @ (t.X1[..., L:, :] + (t.P[..., L:, :L] @ t.W).addcmul_(t.rb, t.W))
+        mask = _block_mask(L, starts.device)
+        grads = [torch.empty(ctx.shape, dtype=d, device=starts.device) for d in ctx.dtypes[:6]]
+        for t0, t1, cs in reversed(_groups(T, L)):
+            t = _Terms(inputs, dt, L, t0, t1, mask)
+            dY = torch.zeros_like(t.r) if dy is None else _to_chunks(dy, dt, L, t0, t1)
+            Q = dY.mT @ (t.X1[..., L:, :] + (t.P[..., L:, :L] @ t.W).addcmul_(t.rb, t.W))
             dSL = torch.empty_like(starts[:, cs])
             dS = _scan_backward(dS, t.M, Q, dSL)
-            for out, g in zip(grads, _chunk_grads(t, starts[:, cs], dY[:, cs], dSL, mask), strict=True):
-                out[:, cs] = g
-        outs = [_from_chunks(g, ctx.shape, d) for g, d in zip(grads, ctx.dtypes, strict=False)]
-        return (*outs, dS.view(B, H, N, N).to(ctx.dtypes[6], copy=True), None)
+            for out, g in zip(grads, _chunk_grads(t, starts[:, cs], dY, dSL, mask), strict=True):
+                _store(out, g, t0, t1)
+        return (*grads, dS.view(B, H, N, N).to(ctx.dtypes[6], copy=True), None)
 
 
 def _check_shapes(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor) -> None:
