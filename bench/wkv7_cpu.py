@@ -2,13 +2,14 @@
 
 Run: python bench/wkv7_cpu.py [--lengths 512,4096,32768] [--chunk-lens 32] [--threads 1]
 
-Each (op, T, chunk length) cell runs in a fresh child process whose environment tames glibc's
-allocator (MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0; shared/NOTES-segments.md
-item 4), so its peak RSS reflects live memory. Per cell: fwd = forward under no_grad, fwd+bwd =
-forward and one backward with gradients for r, w, k, v, a, b and S0 and a loss on y and S_T (best
-of --repeats runs, ms); saved = bytes of the distinct storages autograd keeps for the backward
-(counted with saved_tensors_hooks); peak = the child's peak RSS during one fwd+bwd minus its RSS
-before it (MB). Inputs are fp32 in the RWKV-7 block's ranges with a non-zero S0.
+Each (op, T, chunk length) cell is measured in two fresh child processes: one times it with the
+ordinary allocator, the other measures memory with glibc's allocator tamed (MALLOC_ARENA_MAX=1
+MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0; shared/NOTES-segments.md item 4), so that its peak RSS
+reflects live memory (the tamed allocator's page faults would distort the times). Per cell: fwd =
+forward under no_grad, fwd+bwd = forward and one backward with gradients for r, w, k, v, a, b and
+S0 and a loss on y and S_T (best of --repeats runs, ms); saved = bytes of the distinct storages
+autograd keeps for the backward (counted with saved_tensors_hooks); peak = the child's peak RSS
+during one fwd+bwd minus its RSS before it (MB). Inputs: fp32, in the RWKV-7 block's ranges, S0 ≠ 0.
 
 The reference's graph holds several (B, H, N, N) tensors per token; above --ref-max-t tokens it is
 not run and its cells say so.
@@ -75,41 +76,40 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(op: str, B: int, T: int, H: int, N: int, chunk_len: int, repeats: int, threads: int) -> dict:
-    """One cell, measured in this process: times, saved bytes and peak RSS growth."""
-    torch.set_num_threads(threads)
+def child(what: str, op: str, B: int, T: int, H: int, N: int, chunk_len: int, repeats: int) -> dict:
+    """One cell's memory (saved bytes, peak RSS growth) or times, measured in this process."""
     fn, inputs = _op(op, chunk_len), make_inputs(B, T, H, N)
     _fwd_bwd(fn, make_inputs(B, min(T, 64), H, N))  # load and initialise the kernels first
-    base = _rss_mb()
-    _fwd_bwd(fn, inputs)  # the first full-size run: peak memory
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    storages: dict[int, int] = {}
+    if what == "memory":
+        base = _rss_mb()
+        _fwd_bwd(fn, inputs)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        storages: dict[int, int] = {}
 
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*inputs)
-    saved = sum(storages.values()) / 2**20
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*inputs)
+        return {"saved": sum(storages.values()) / 2**20, "peak": peak}
 
     def fwd():
         with torch.no_grad():
             fn(*inputs)
 
-    return {
-        "fwd": _best_ms(fwd, repeats),
-        "fwd_bwd": _best_ms(lambda: _fwd_bwd(fn, inputs), repeats),
-        "saved": saved,
-        "peak": peak,
-    }
+    return {"fwd": _best_ms(fwd, repeats), "fwd_bwd": _best_ms(lambda: _fwd_bwd(fn, inputs), repeats)}
 
 
 def run_cell(args, op: str, T: int, chunk_len: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", op, str(T), str(chunk_len), str(repeats)]
-    cmd += ["--B", str(args.B), "--H", str(args.H), "--N", str(args.N), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, env={**os.environ, **TAME_MALLOC}, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Times (ordinary allocator) and memory (tamed allocator), each in a fresh child process."""
+    result = {}
+    for what, env in (("time", {}), ("memory", TAME_MALLOC)):
+        cmd = [sys.executable, __file__, "--child", what, op, str(T), str(chunk_len), str(repeats)]
+        cmd += ["--B", str(args.B), "--H", str(args.H), "--N", str(args.N), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def _cells(ref: dict | None, ch: dict) -> list[str]:
@@ -135,11 +135,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs per timing (the reference: at most 2)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ref-max-t", type=int, default=4096, help="longest T the reference is run at")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
-        op, T, chunk_len, repeats = args.child[0], *map(int, args.child[1:])
-        print(json.dumps(child(op, args.B, T, args.H, args.N, chunk_len, repeats, args.threads)))
+        what, op, T, chunk_len, repeats = *args.child[:2], *map(int, args.child[2:])
+        print(json.dumps(child(what, op, args.B, T, args.H, args.N, chunk_len, repeats)))
         return
 
     print(
