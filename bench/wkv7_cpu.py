@@ -1,6 +1,7 @@
 """WKV-7 on the CPU: the reference loop vs the chunked op, time and memory, side by side.
 
-Run: python bench/wkv7_cpu.py [--lengths 512,4096,32768] [--chunk-lens 32] [--threads 1]
+Run: python bench/wkv7_cpu.py [--lengths 512,4096,32768] [--chunk-lens 16,32,64] [--threads 1]
+                              [--ref-max-t 4096] [--repeats 5] [--ref-repeats 2]
 
 Each (op, T, chunk length) cell is measured in two fresh child processes: one times it with the
 ordinary allocator, the other measures memory with glibc's allocator tamed (MALLOC_ARENA_MAX=1
@@ -29,6 +30,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from rwkv_infctx.ops.wkv7.chunked import CHUNK_LEN
 
 TAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 
@@ -128,11 +131,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lengths", default="512,4096,32768")
-    parser.add_argument("--chunk-lens", default="32", help="comma-separated chunk lengths for the chunked op")
+    parser.add_argument(
+        "--chunk-lens", default=str(CHUNK_LEN), help="comma-separated chunk lengths for the chunked op"
+    )
     parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--H", type=int, default=2)
     parser.add_argument("--N", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="runs per timing (the reference: at most 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per timing of the chunked op")
+    parser.add_argument("--ref-repeats", type=int, default=2, help="runs per timing of the reference")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ref-max-t", type=int, default=4096, help="longest T the reference is run at")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -147,7 +153,7 @@ def main() -> None:
         f"{datetime.date.today()} · {platform.processor() or platform.machine()} · "
         f"torch {torch.__version__} · {args.threads} thread(s) · fp32 · "
         f"B={args.B} H={args.H} N={args.N} (C={args.H * args.N}) · "
-        f"best of {args.repeats} (reference: of {min(args.repeats, 2)})\n"
+        f"best of {args.repeats} (reference: of {args.ref_repeats})\n"
     )
     cols = [
         "T",
@@ -170,7 +176,7 @@ def main() -> None:
                 f"T={n_tok}: reference not run (T > --ref-max-t {args.ref_max_t}: its graph grows as T·H·N²)"
             )
         else:
-            ref = run_cell(args, "reference", n_tok, 0, min(args.repeats, 2))
+            ref = run_cell(args, "reference", n_tok, 0, args.ref_repeats)
         for L in (int(x) for x in args.chunk_lens.split(",")):
             ch = run_cell(args, "chunked", n_tok, L, args.repeats)
             print(f"| {n_tok} | {L} | " + " | ".join(_cells(ref, ch)) + " |", flush=True)

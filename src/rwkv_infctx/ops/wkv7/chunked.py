@@ -51,7 +51,7 @@ from torch import Tensor
 from rwkv_infctx.ops.wkv4.chunked import _without_autocast
 from rwkv_infctx.ops.wkv7.reference import compute_dtype
 
-CHUNK_LEN = 32
+CHUNK_LEN = 64
 """Tokens per chunk (see the module docstring for how it was chosen)."""
 
 GROUP_TOKENS = 2048
