@@ -279,3 +279,11 @@ def test_matches_per_token_backward_recurrences():
     ours = torch.autograd.grad((y * gy).sum() + (S * gS).sum(), leaves)
     for name, a, b in zip(NAMES, ours, _per_token_backward(inputs, gy, gS), strict=True):
         assert _rel(a, b) < 1e-12, name
+
+
+def test_second_derivatives_are_refused():
+    inputs = [x.requires_grad_() for x in model_inputs(1, 5, 1, 4)]
+    y, S = wkv7_chunked(*inputs)
+    (gr, *_) = torch.autograd.grad(y.sum() + S.sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gr.sum(), inputs)

@@ -51,6 +51,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from rwkv_infctx.ops.wkv4.chunked import _without_autocast
 from rwkv_infctx.ops.wkv7.reference import compute_dtype
@@ -196,7 +197,8 @@ class WKV7Chunked(torch.autograd.Function):
         _check_shapes(r, w, k, v, a, b, state)
         dt = compute_dtype(r, w, k, v, a, b, state)
         B, T, H, N = r.shape
-        ctx.shape, ctx.dtypes = r.shape, [x.dtype for x in (r, w, k, v, a, b, state)]
+        ctx.shape, ctx.device = r.shape, r.device
+        ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b, state)]
         S = state.detach().to(dt).reshape(B * H, N, N).clone()
         if T == 0:
             ctx.L = 0
@@ -217,12 +219,13 @@ class WKV7Chunked(torch.autograd.Function):
         return y, S.view(B, H, N, N)
 
     @staticmethod
+    @once_differentiable  # the saved chunk states are constants: no second derivatives
     @_without_autocast
     def backward(ctx, dy, dS_T):
         B, _, H, N = ctx.shape
         if ctx.L == 0:
-            dS0 = torch.zeros(B, H, N, N) if dS_T is None else dS_T
-            zero = torch.zeros(ctx.shape, device=dS0.device)
+            dS0 = torch.zeros(B, H, N, N, device=ctx.device) if dS_T is None else dS_T
+            zero = torch.zeros(ctx.shape, device=ctx.device)
             return (*(zero.to(d) for d in ctx.dtypes[:6]), dS0.to(ctx.dtypes[6], copy=True), None)
         *inputs, starts = ctx.saved_tensors
         dt, L, T = starts.dtype, ctx.L, ctx.shape[1]
