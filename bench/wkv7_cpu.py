@@ -1,0 +1,188 @@
+"""WKV-7 on the CPU: the reference loop vs the chunked op, time and memory, side by side.
+
+Run: python bench/wkv7_cpu.py [--lengths 512,4096,32768] [--chunk-lens 16,32,64] [--threads 1]
+                              [--ref-max-t 4096] [--repeats 5] [--ref-repeats 2]
+
+Each (op, T, chunk length) cell is measured in two fresh child processes: one times it with the
+ordinary allocator, the other measures memory with glibc's allocator tamed (MALLOC_ARENA_MAX=1
+MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0; shared/NOTES-segments.md item 4), so that its peak RSS
+reflects live memory (the tamed allocator's page faults would distort the times). Per cell: fwd =
+forward under no_grad, fwd+bwd = forward and one backward with gradients for r, w, k, v, a, b and
+S0 and a loss on y and S_T (best of --repeats runs, ms); saved = bytes of the distinct storages
+autograd keeps for the backward (counted with saved_tensors_hooks); peak = the child's peak RSS
+during one fwd+bwd minus its RSS before it (MB). Inputs: fp32, in the RWKV-7 block's ranges, S0 ≠ 0.
+
+The reference's graph holds several (B, H, N, N) tensors per token; above --ref-max-t tokens it is
+not run and its cells say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rwkv_infctx.ops.wkv7.chunked import CHUNK_LEN
+
+TAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
+
+
+def make_inputs(B: int, T: int, H: int, N: int, seed: int = 0) -> list[torch.Tensor]:
+    """fp32 inputs as the RWKV-7 block makes them (see tests/ops/test_wkv7_chunked.py), S0 random."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, T, H, N)
+    r = torch.randn(shape, generator=g) * 0.5
+    w = -F.softplus(-(torch.randn(shape, generator=g) * 2 - 1)) - 0.5
+    k = torch.randn(shape, generator=g) * 0.5
+    v = torch.randn(shape, generator=g)
+    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
+    alpha = torch.rand(shape, generator=g)
+    S0 = torch.randn(B, H, N, N, generator=g) * 0.3
+    return [x.requires_grad_() for x in (r, w, k, v, -kappa, kappa * alpha, S0)]
+
+
+def _op(name: str, chunk_len: int):
+    if name == "reference":
+        from rwkv_infctx.ops.wkv7.reference import wkv7_reference
+
+        return wkv7_reference
+    from rwkv_infctx.ops.wkv7.chunked import wkv7_chunked
+
+    return lambda *xs: wkv7_chunked(*xs, chunk_len=chunk_len)
+
+
+def _fwd_bwd(fn, inputs) -> None:
+    y, S = fn(*inputs)
+    torch.autograd.grad(y.square().sum() + S.sum(), inputs)
+
+
+def _best_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(what: str, op: str, B: int, T: int, H: int, N: int, chunk_len: int, repeats: int) -> dict:
+    """One cell's memory (saved bytes, peak RSS growth) or times, measured in this process."""
+    fn, inputs = _op(op, chunk_len), make_inputs(B, T, H, N)
+    _fwd_bwd(fn, make_inputs(B, min(T, 64), H, N))  # load and initialise the kernels first
+    if what == "memory":
+        base = _rss_mb()
+        _fwd_bwd(fn, inputs)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*inputs)
+        return {"saved": sum(storages.values()) / 2**20, "peak": peak}
+
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    return {"fwd": _best_ms(fwd, repeats), "fwd_bwd": _best_ms(lambda: _fwd_bwd(fn, inputs), repeats)}
+
+
+def run_cell(args, op: str, T: int, chunk_len: int, repeats: int) -> dict:
+    """Times (ordinary allocator) and memory (tamed allocator), each in a fresh child process."""
+    result = {}
+    for what, env in (("time", {}), ("memory", TAME_MALLOC)):
+        cmd = [sys.executable, __file__, "--child", what, op, str(T), str(chunk_len), str(repeats)]
+        cmd += ["--B", str(args.B), "--H", str(args.H), "--N", str(args.N), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    return result
+
+
+def _cells(ref: dict | None, ch: dict) -> list[str]:
+    """For fwd, fwd+bwd, saved and peak: the reference, the chunked op and reference / chunked."""
+    cells = []
+    for key in ("fwd", "fwd_bwd", "saved", "peak"):
+        if ref is None:
+            cells += ["not run", f"{ch[key]:.1f}", "-"]
+        else:
+            cells += [f"{ref[key]:.1f}", f"{ch[key]:.1f}", f"{ref[key] / max(ch[key], 1e-9):.1f}x"]
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", default="512,4096,32768")
+    parser.add_argument(
+        "--chunk-lens", default=str(CHUNK_LEN), help="comma-separated chunk lengths for the chunked op"
+    )
+    parser.add_argument("--B", type=int, default=1)
+    parser.add_argument("--H", type=int, default=2)
+    parser.add_argument("--N", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per timing of the chunked op")
+    parser.add_argument("--ref-repeats", type=int, default=2, help="runs per timing of the reference")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ref-max-t", type=int, default=4096, help="longest T the reference is run at")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        what, op, T, chunk_len, repeats = *args.child[:2], *map(int, args.child[2:])
+        print(json.dumps(child(what, op, args.B, T, args.H, args.N, chunk_len, repeats)))
+        return
+
+    print(
+        f"{datetime.date.today()} · {platform.processor() or platform.machine()} · "
+        f"torch {torch.__version__} · {args.threads} thread(s) · fp32 · "
+        f"B={args.B} H={args.H} N={args.N} (C={args.H * args.N}) · "
+        f"best of {args.repeats} (reference: of {args.ref_repeats})\n"
+    )
+    cols = [
+        "T",
+        "L",
+        "ref fwd ms",
+        "chunked fwd ms",
+        "ratio",
+        "ref fwd+bwd ms",
+        "chunked fwd+bwd ms",
+        "ratio",
+    ]
+    cols += ["ref saved MB", "chunked saved MB", "ratio", "ref peak MB", "chunked peak MB", "ratio"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols), flush=True)
+    notes = []
+    for n_tok in (int(x) for x in args.lengths.split(",")):
+        ref = None
+        if n_tok > args.ref_max_t:
+            notes.append(
+                f"T={n_tok}: reference not run (T > --ref-max-t {args.ref_max_t}: its graph grows as T·H·N²)"
+            )
+        else:
+            ref = run_cell(args, "reference", n_tok, 0, args.ref_repeats)
+        for L in (int(x) for x in args.chunk_lens.split(",")):
+            ch = run_cell(args, "chunked", n_tok, L, args.repeats)
+            print(f"| {n_tok} | {L} | " + " | ".join(_cells(ref, ch)) + " |", flush=True)
+    for note in notes:
+        print(f"\n{note}")
+
+
+if __name__ == "__main__":
+    main()
