@@ -117,6 +117,19 @@ def test_files_of_each_dtype_load(model, tmp_path, dtype):
     assert as_bf16.emb.weight.dtype == torch.bfloat16
 
 
+def test_a_file_of_mixed_dtypes_loads(model, tmp_path):
+    """As the inference demos keep them: fp16 weights with att.w0 in fp32."""
+    sd = {
+        k: v.to(torch.float32 if k.endswith("att.w0") else torch.float16)
+        for k, v in model.state_dict().items()
+    }
+    torch.save(sd, tmp_path / "mixed.pth")
+    loaded = load_model(tmp_path / "mixed.pth", wkv_backend="reference")
+    rounded = RWKV7(CFG)
+    rounded.load_state_dict({k: v.float() for k, v in sd.items()})
+    torch.testing.assert_close(logits(loaded, TOKENS), logits(rounded, TOKENS), rtol=0, atol=0)
+
+
 def test_layer0_value_residual_keys_may_be_present_or_absent(model, tmp_path):
     sd = model.state_dict()
     without = {k: v for k, v in sd.items() if k not in LAYER0_OPTIONAL}
