@@ -12,6 +12,7 @@ import torch
 from rwkv_infctx.cli import main
 from rwkv_infctx.io.model_file import read_state_dict
 from rwkv_infctx.model import RWKV7Config
+from tests.model.test_rwkv7_files import x070_key_shapes
 
 L, C, V, N = 3, 128, 300, 64
 LERP_P = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
@@ -94,6 +95,18 @@ def test_matrices_are_orthogonal_with_the_table_gains_or_zero(sd):
     assert_orthogonal(sd["head.weight"], 0.5 * math.sqrt(V / C), "head.weight")
     # a random orthogonal matrix, not a fixed pattern: the layers differ
     assert not torch.equal(sd["blocks.0.att.receptance.weight"], sd["blocks.1.att.receptance.weight"])
+
+
+def test_the_file_has_every_x070_key(sd):
+    """train_temp's output: the x070 key table, layer 0's unused v0/v1/v2 included."""
+    want = x070_key_shapes(L, C, V, C // N, N, (32, 32, 32, 64), 4 * C)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == want
+
+
+def test_head_gain_when_the_vocabulary_is_not_above_the_width(tmp_path):
+    path = tmp_path / "m.pth"
+    assert init(path, "--n_layer", "1", "--n_embd", "64", "--vocab_size", "50", "--dtype", "fp32") == 0
+    assert_orthogonal(read_state_dict(path)["head.weight"], 0.5, "head.weight")
 
 
 def test_lora_dims_default_to_the_formula_for_other_widths(sd):
