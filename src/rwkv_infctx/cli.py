@@ -16,7 +16,7 @@ import sys
 from rwkv_infctx.errors import UserError
 
 COMMANDS = {
-    "init": "Create a new RWKV-4 model file with RWKV-LM's initialisation.",
+    "init": "Create a new RWKV-4 or RWKV-7 model file with RWKV-LM's initialisation.",
     "generate": "Generate text from a model file (the dragon test).",
     "export-hf": "Write a Hugging Face transformers folder (RwkvForCausalLM) from a model file.",
     "eval-positions": "Mean loss and perplexity by token position for one or more models (table, CSV, PNG).",

@@ -39,9 +39,7 @@ def parse_vocab_size(value: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="model file to write (.pth, or .safetensors)")
-    parser.add_argument(
-        "--arch", choices=tuple(FAMILIES), default="rwkv4", help="model family (default rwkv4)"
-    )
+    parser.add_argument("--arch", choices=tuple(FAMILIES), required=True, help="model family")
     parser.add_argument("--n_layer", type=int, required=True)
     parser.add_argument("--n_embd", type=int, required=True)
     parser.add_argument("--vocab_size", type=parse_vocab_size, required=True, help="neox, world or a number")
