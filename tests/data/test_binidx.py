@@ -157,6 +157,7 @@ def test_negative_token_id(tmp_path):
         ),
         ("no_idx", r"corpus.idx is missing \(a binidx source needs corpus.bin and corpus.idx side by side\)"),
         ("no_bin", r"corpus.bin is missing"),
+        ("neither", r"data.source: file or folder not found: .*corpus.bin"),
     ],
 )
 def test_bad_files_are_one_line_and_leave_nothing(tmp_path, damage, match):
@@ -178,6 +179,10 @@ def test_bad_files_are_one_line_and_leave_nothing(tmp_path, damage, match):
         idx.unlink()
     elif damage == "no_bin":
         bin_.unlink()
+    elif damage == "neither":
+        bin_.unlink()
+        idx.unlink()
+        prefix = bin_
     fails(tmp_path, match, source=str(prefix), tokenizer="world")
 
 

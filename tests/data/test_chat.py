@@ -257,6 +257,11 @@ def test_bad_chat_options(options, match):
         DataConfig(source="x.jsonl", data_path="p", messages_column="messages", **options)
 
 
+def test_chat_option_without_messages_column():
+    with pytest.raises(UserError, match=r"data\.chat_separator: set without data\.messages_column"):
+        DataConfig(source="x.jsonl", data_path="p", chat_separator="\n")
+
+
 def test_chat_options_in_the_fingerprint_only_for_chat_data(tmp_path):
     assert list(DataConfig(source="x.jsonl", data_path="p").result_options()) == list(RESULT_OPTIONS)
     path = str(chats_jsonl(tmp_path))

@@ -53,8 +53,10 @@ def find(source: str) -> tuple[Path, Path] | None:
     Raises `UserError` when one file of the pair is there and the other is missing.
     """
     path = Path(source).expanduser()
-    if path.suffix in SUFFIXES and path.is_file():
+    if path.suffix in SUFFIXES:
         prefix = path.with_suffix("")
+        if not any(prefix.with_suffix(s).is_file() for s in SUFFIXES):
+            raise UserError(f"data.source: file or folder not found: {source}")
     elif not path.exists() and any(Path(f"{path}{s}").is_file() for s in SUFFIXES):
         prefix = path
     else:

@@ -74,7 +74,8 @@ class DataConfig:
     """Extra keyword arguments for `datasets.load_dataset`, e.g. `{sample_by: line}` (result)."""
     tokenizer: str | None = None
     """`neox`, `world`, a path to a tokenizer.json, or a local HF tokenizer name. Empty: `neox` when
-    building; when only loading `data_path`, whatever it was built with."""
+    building; when only loading `data_path`, whatever it was built with. For a binidx source, the
+    vocabulary its token ids are in."""
     data_path: str | None = None
     """Folder where the tokenized dataset is saved and loaded from."""
     text_column: str | None = None
@@ -144,6 +145,13 @@ class DataConfig:
             self._check_multi_column()
         if self.messages_column is not None:
             self._check_chat()
+        else:
+            defaults = {f.name: f.default for f in fields(self)}
+            for key in CHAT_OPTIONS[1:]:
+                if getattr(self, key) != defaults[key]:
+                    raise UserError(
+                        f"data.{key}: set without data.messages_column (the column of chat turns)"
+                    )
         if self.test_split < 0 or (self.test_split >= 1 and not float(self.test_split).is_integer()):
             raise UserError(f"data.test_split: {self.test_split} (expected a fraction below 1 or a count)")
         if self.rechunk_size is not None and self.rechunk_size < -1:
