@@ -223,6 +223,17 @@ def test_bad_rows_dropped_and_counted(tmp_path, capsys):
     assert [world.decode(ids) for ids, _ in rows(splits["train"])] == [RENDERED[1], RENDERED[0]]
 
 
+def test_all_rows_bad_is_one_line_even_when_dropping(tmp_path):
+    path = chats_jsonl(tmp_path, [m for m, _ in BAD])
+    fails(
+        tmp_path,
+        r"every row \(6\) is a bad chat row, nothing to learn \(first: .*row 0: turn 0 has unknown role",
+        source=str(path),
+        messages_column="messages",
+        chat_bad_rows="drop",
+    )
+
+
 def test_messages_column_missing_or_not_turns(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "messages": "User: hi"}])
     fails(

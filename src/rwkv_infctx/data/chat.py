@@ -194,6 +194,8 @@ def tokenize_chats(
         .with_format(None)
     )
     bad, first = _bad_rows(encoded)
+    if len(bad) == len(encoded):
+        raise UserError(f"data: every row ({len(bad)}) is a bad chat row, nothing to learn (first: {first})")
     if len(bad):
         warnings.warn(
             f"data: dropped {len(bad)} chat rows that do not fit the template (first: {first})", stacklevel=3
