@@ -1,7 +1,8 @@
 """Data: Hugging Face datasets in, tokenized once into `data.data_path`, padded batches out.
 
 - `config.DataConfig`: the `data:` options; `sources`: what `data.source` names and how to load it;
-- `encode`: text to `input_ids` + `loss_mask`; `pack`: rechunking and statistics;
+- `encode`: text to `input_ids` + `loss_mask`; `chat`: conversations, the same with a chat template;
+- `binidx`: already-tokenized RWKV-LM/Megatron `.bin` + `.idx` files; `pack`: rechunking and statistics;
 - `store`: the prepared folder and its metadata; `build.prepare`: reuse or build;
 - `collator.collate`: the batch format; `datamodule.RWKVDataModule`: all of it for Lightning.
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rwkv_infctx.data import pack, store
+from rwkv_infctx.data import binidx, pack, store
+from rwkv_infctx.data.chat import tokenize_chats
 from rwkv_infctx.data.config import DataConfig
 from rwkv_infctx.data.encode import Encoder, columns_for, tokenize
 from rwkv_infctx.data.sources import Source, load_source, resolve_source
@@ -110,17 +111,14 @@ def _build(
 ) -> dict[str, Any]:
     work = store.work_dir(data_path)
     try:
-        cache = config.cache_dir or (None if source.kind == "hub" else str(work / "cache"))
-        raw = load_source(source, config, cache)
-        if len(raw) == 0:
-            raise UserError(f"data.source {source.name}: split {config.source_split!r} has no rows")
-        available = {k: getattr(f, "dtype", type(f).__name__) for k, f in raw.features.items()}
-        columns = columns_for(config, available, source.name)
-        encoder = Encoder(config.tokenizer or DEFAULT_TOKENIZER, columns, config.multi_column_separator)
-        tokens = tokenize(raw, encoder, config.num_proc)
+        tokens, bad_rows = _tokens(config, source, tokenizer, work)
         tokens, dropped = _filter(tokens, config)
+        dropped.update(bad_rows)
         if config.rechunk:
-            tokens = _rechunk(tokens, config.rechunk, tokenizer.eot_id, work / "rechunked.arrow", dropped)
+            # a binidx document may already end with the end-of-text token (RWKV-LM's make_data.py)
+            eot_if_missing = source.kind == "binidx"
+            path = work / "rechunked.arrow"
+            tokens = _rechunk(tokens, config.rechunk, tokenizer.eot_id, path, dropped, eot_if_missing)
         splits = _split(tokens, config)
         _warn_short(dropped)
         meta = _metadata(fingerprint, config, tokenizer, splits, dropped)
@@ -130,6 +128,28 @@ def _build(
         return meta
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tokens(
+    config: DataConfig, source: Source, tokenizer: Tokenizer, work: Path
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """`input_ids` and `loss_mask` of every document of the source split, and counts of rows dropped."""
+    spec = config.tokenizer or DEFAULT_TOKENIZER
+    if source.kind == "binidx":
+        binidx.check_options(config, source.name)
+        bin_path, idx_path = (Path(f) for f in source.files[config.source_split])
+        found = binidx.open_binidx(bin_path, idx_path)
+        return binidx.to_dataset(found, tokenizer.vocab_size, spec, work / "binidx.arrow"), {}
+    cache = config.cache_dir or (None if source.kind == "hub" else str(work / "cache"))
+    raw = load_source(source, config, cache)
+    if len(raw) == 0:
+        raise UserError(f"data.source {source.name}: split {config.source_split!r} has no rows")
+    if config.messages_column is not None:
+        return tokenize_chats(raw, config, spec, source.name)
+    available = {k: getattr(f, "dtype", type(f).__name__) for k, f in raw.features.items()}
+    columns = columns_for(config, available, source.name)
+    encoder = Encoder(spec, columns, config.multi_column_separator)
+    return tokenize(raw, encoder, config.num_proc), {}
 
 
 def _filter(ds: datasets.Dataset, config: DataConfig) -> tuple[datasets.Dataset, dict[str, int]]:
@@ -167,8 +187,10 @@ def _split(ds: datasets.Dataset, config: DataConfig) -> dict[str, datasets.Datas
     return {"train": ds.select(train), "test": ds.select(test)}
 
 
-def _rechunk(ds: datasets.Dataset, size: int, eot_id: int, path: Path, dropped: dict[str, int]):
-    chunks = pack.rechunk(ds, size, eot_id, path)
+def _rechunk(
+    ds: datasets.Dataset, size: int, eot_id: int, path: Path, dropped: dict[str, int], if_missing: bool
+):
+    chunks = pack.rechunk(ds, size, eot_id, path, if_missing)
     n = pack.lengths(chunks)
     short = n < 2
     if short.any():

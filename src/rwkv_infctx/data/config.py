@@ -16,6 +16,9 @@ from rwkv_infctx.errors import UserError
 BUILDERS = ("text", "json", "csv", "parquet", "arrow")
 """The `datasets` builders a local source may name."""
 
+WORLD_CHAT_ROLES = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
+"""The turn prefixes of RWKV World's chat form (see docs/data.md, "Chat conversations")."""
+
 RESULT_OPTIONS = (
     "source",
     "source_data_dir",
@@ -37,6 +40,20 @@ RESULT_OPTIONS = (
 )
 """Options that change the prepared dataset (the tokenizer is fingerprinted by its vocabulary)."""
 
+CHAT_OPTIONS = (
+    "messages_column",
+    "chat_roles",
+    "chat_content_prefix",
+    "chat_separator",
+    "chat_learnt_roles",
+    "chat_collapse_newlines",
+    "chat_bad_rows",
+)
+"""Options of chat data; part of the fingerprint only when `messages_column` is set, so data built
+before they existed keeps its fingerprint."""
+
+CHAT_BAD_ROWS = ("stop", "drop")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -44,7 +61,8 @@ class DataConfig:
 
     source: str | None = None
     """Hub dataset name; a builder (text, json, csv, parquet, arrow) used with `source_data_dir` or
-    `data_files`; a path to a file or folder (format inferred); or `pkg://NAME` for a bundled file.
+    `data_files`; a path to a file or folder (format inferred); a binidx pair (`NAME`, `NAME.bin` or
+    `NAME.idx` for `NAME.bin` + `NAME.idx`: token ids, no tokenizer run); or `pkg://NAME` for a bundled file.
     Empty: load the already prepared `data_path`."""
     source_data_dir: str | None = None
     """Folder of data files for a builder `source` (result)."""
@@ -56,7 +74,8 @@ class DataConfig:
     """Extra keyword arguments for `datasets.load_dataset`, e.g. `{sample_by: line}` (result)."""
     tokenizer: str | None = None
     """`neox`, `world`, a path to a tokenizer.json, or a local HF tokenizer name. Empty: `neox` when
-    building; when only loading `data_path`, whatever it was built with."""
+    building; when only loading `data_path`, whatever it was built with. For a binidx source, the
+    vocabulary its token ids are in."""
     data_path: str | None = None
     """Folder where the tokenized dataset is saved and loaded from."""
     text_column: str | None = None
@@ -72,6 +91,24 @@ class DataConfig:
     multi_column_train_mask: list[bool] | None = None
     """Per key: whether its tokens are learnt (true) or only read as prompt (false). Default all true
     (result)."""
+    messages_column: str | None = None
+    """Column holding a chat: a list of `{role, content}` turns, rendered with the chat template below.
+    Empty: not chat data (result)."""
+    chat_roles: dict[str, str] | None = None
+    """Role -> the prompt text that opens its turns. Empty: RWKV World's `{system: "System:", user:
+    "User:", assistant: "Assistant:"}` (result)."""
+    chat_content_prefix: str = " "
+    """Text put before each turn's content and tokenized with it (result)."""
+    chat_separator: str = "\n\n"
+    """Text that ends every turn (result)."""
+    chat_learnt_roles: list[str] | None = None
+    """Roles whose content and separator are learnt; all else is prompt. Empty: `[assistant]` (result)."""
+    chat_collapse_newlines: bool = True
+    """Clean each content as RWKV's chat runtimes do: CRLF to LF, strip, runs of newlines to one
+    newline, so no blank line appears inside a turn (result)."""
+    chat_bad_rows: str = "stop"
+    """A row with an unknown role, a missing content or no learnt turn: `stop` the build, or `drop`
+    it and count it in the summary (result)."""
     min_token_size: int | None = None
     """Drop documents with fewer tokens than this (result)."""
     max_token_size: int | None = None
@@ -106,6 +143,15 @@ class DataConfig:
             raise UserError(f"data.data_path: required to prepare data.source {self.source!r}")
         if self.multi_column_keys is not None:
             self._check_multi_column()
+        if self.messages_column is not None:
+            self._check_chat()
+        else:
+            defaults = {f.name: f.default for f in fields(self)}
+            for key in CHAT_OPTIONS[1:]:
+                if getattr(self, key) != defaults[key]:
+                    raise UserError(
+                        f"data.{key}: set without data.messages_column (the column of chat turns)"
+                    )
         if self.test_split < 0 or (self.test_split >= 1 and not float(self.test_split).is_integer()):
             raise UserError(f"data.test_split: {self.test_split} (expected a fraction below 1 or a count)")
         if self.rechunk_size is not None and self.rechunk_size < -1:
@@ -129,10 +175,36 @@ class DataConfig:
                     "(expected one per key)"
                 )
 
+    def _check_chat(self) -> None:
+        for key in ("text_column", "multi_column_keys"):
+            if getattr(self, key) is not None:
+                raise UserError(f"data.{key}: set together with data.messages_column (expected one of them)")
+        if self.chat_bad_rows not in CHAT_BAD_ROWS:
+            raise UserError(f"data.chat_bad_rows: {self.chat_bad_rows!r} (expected stop or drop)")
+        roles = self.roles
+        if not roles or not all(isinstance(k, str) and isinstance(v, str) for k, v in roles.items()):
+            raise UserError(f"data.chat_roles: {roles!r} (expected a mapping of role name to prefix text)")
+        unknown = [r for r in self.learnt_roles if r not in roles]
+        if unknown or not self.learnt_roles:
+            raise UserError(
+                f"data.chat_learnt_roles: {self.learnt_roles!r} (expected some of {', '.join(roles)})"
+            )
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Role -> prefix of the chat template (RWKV World's unless `chat_roles` is set)."""
+        return dict(self.chat_roles) if self.chat_roles is not None else dict(WORLD_CHAT_ROLES)
+
+    @property
+    def learnt_roles(self) -> list[str]:
+        """Roles whose turns are learnt (`[assistant]` unless `chat_learnt_roles` is set)."""
+        return list(self.chat_learnt_roles) if self.chat_learnt_roles is not None else ["assistant"]
+
     def result_options(self) -> dict[str, Any]:
         """The options that change the prepared dataset, for its fingerprint."""
         values = asdict(self)
-        return {key: values[key] for key in RESULT_OPTIONS}
+        keys = RESULT_OPTIONS + (CHAT_OPTIONS if self.messages_column is not None else ())
+        return {key: values[key] for key in keys}
 
     @property
     def rechunk(self) -> int:
@@ -160,6 +232,13 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "multi_column_suffix": (list,),
     "multi_column_separator": (str,),
     "multi_column_train_mask": (list,),
+    "messages_column": (str,),
+    "chat_roles": (dict,),
+    "chat_content_prefix": (str,),
+    "chat_separator": (str,),
+    "chat_learnt_roles": (list,),
+    "chat_collapse_newlines": (bool,),
+    "chat_bad_rows": (str,),
     "min_token_size": (int,),
     "max_token_size": (int,),
     "test_split": (int, float),

@@ -31,7 +31,8 @@ class RWKVDataModule(LightningDataModule):
 
     Args:
         source: Hub dataset name; a builder (text, json, csv, parquet, arrow) with source_data_dir or
-            data_files; a path to a file or folder; or pkg://NAME for a bundled file. Empty: load data_path.
+            data_files; a path to a file or folder; a binidx prefix (NAME.bin + NAME.idx); or pkg://NAME
+            for a bundled file. Empty: load data_path.
         source_data_dir: Folder of data files for a builder source.
         data_files: File(s) or glob(s) for a builder source, or a mapping split -> files.
         source_split: Split of the source to use.
@@ -44,6 +45,13 @@ class RWKVDataModule(LightningDataModule):
         multi_column_suffix: Text after each column's value, one per key.
         multi_column_separator: Text between columns; masked like the column before it.
         multi_column_train_mask: Per key, true if its tokens are learnt, false if prompt only.
+        messages_column: Column of chat turns (a list of {role, content}); set for chat data.
+        chat_roles: Role -> prefix that opens its turns (default RWKV World's System:/User:/Assistant:).
+        chat_content_prefix: Text before each turn's content, tokenized with it (default a space).
+        chat_separator: Text that ends every turn (default a blank line, "\\n\\n").
+        chat_learnt_roles: Roles whose content and separator are learnt (default [assistant]).
+        chat_collapse_newlines: Strip each content and turn runs of newlines into one newline.
+        chat_bad_rows: stop (default) or drop a row with an unknown role, missing content or no learnt turn.
         min_token_size: Drop documents with fewer tokens.
         max_token_size: Drop documents with more tokens.
         test_split: Samples held out for validation (after rechunk): a fraction below 1, else a count.
@@ -75,6 +83,13 @@ class RWKVDataModule(LightningDataModule):
         multi_column_suffix: list[str] | None = None,
         multi_column_separator: str = "",
         multi_column_train_mask: list[bool] | None = None,
+        messages_column: str | None = None,
+        chat_roles: dict[str, str] | None = None,
+        chat_content_prefix: str = " ",
+        chat_separator: str = "\n\n",
+        chat_learnt_roles: list[str] | None = None,
+        chat_collapse_newlines: bool = True,
+        chat_bad_rows: str = "stop",
         min_token_size: int | None = None,
         max_token_size: int | None = None,
         test_split: float = 0.0,

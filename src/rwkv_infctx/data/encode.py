@@ -79,22 +79,8 @@ class Encoder:
     separator: str = ""
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from rwkv_infctx.tokenizer import load_tokenizer
-
         pieces, rows, masks = self._pieces(table)
-        ids = load_tokenizer(self.tokenizer).encode_batch(pieces) if pieces else []
-        piece_len = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        total = int(piece_len.sum())
-        values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=total)
-        row_len = np.bincount(rows, weights=piece_len, minlength=table.num_rows).astype(np.int64)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(row_len)]).astype(np.int32))
-        mask = np.repeat(np.asarray(masks, dtype=np.uint8), piece_len)
-        return pa.table(
-            {
-                "input_ids": pa.ListArray.from_arrays(offsets, pa.array(values)),
-                "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(mask)),
-            }
-        )
+        return encode_pieces(self.tokenizer, pieces, rows, masks, table.num_rows)
 
     def _pieces(self, table: pa.Table) -> tuple[list[str], list[int], list[int]]:
         """The non-empty texts to tokenize, in order, with the row and mask of each."""
@@ -117,6 +103,31 @@ class Encoder:
                         rows.append(row)
                         masks.append(int(column.train))
         return pieces, rows, masks
+
+
+def encode_pieces(
+    tokenizer: str, pieces: list[str], rows: list[int], masks: list[int], num_rows: int
+) -> pa.Table:
+    """Tokenize each piece on its own and join the ids of each row, in order, with the piece's mask.
+
+    `rows[k]` is the row (0 .. num_rows - 1) piece k belongs to and `masks[k]` its mask (0 or 1); a row
+    without pieces comes out empty.
+    """
+    from rwkv_infctx.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(tokenizer).encode_batch(pieces) if pieces else []
+    piece_len = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    total = int(piece_len.sum())
+    values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=total)
+    row_len = np.bincount(np.asarray(rows, dtype=np.int64), weights=piece_len, minlength=num_rows)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(row_len.astype(np.int64))]).astype(np.int32))
+    mask = np.repeat(np.asarray(masks, dtype=np.uint8), piece_len)
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32())),
+            "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(mask, pa.uint8())),
+        }
+    )
 
 
 def tokenize(raw: datasets.Dataset, encoder: Encoder, num_proc: int | None) -> datasets.Dataset:

@@ -36,10 +36,12 @@ def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return column.flatten().to_numpy(zero_copy_only=False), lengths
 
 
-def _with_eot(table: pa.Table, eot_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _with_eot(table: pa.Table, eot_id: int, if_missing: bool) -> tuple[np.ndarray, np.ndarray]:
     ids, lengths = _flat(table, "input_ids")
     mask, _ = _flat(table, "loss_mask")
     ends = np.cumsum(lengths)
+    if if_missing and len(ids):  # only after documents that do not already end with it
+        ends = ends[(lengths == 0) | (ids[np.maximum(ends - 1, 0)] != eot_id)]
     return np.insert(ids, ends, eot_id).astype(np.int32), np.insert(mask, ends, 1).astype(np.uint8)
 
 
@@ -54,8 +56,13 @@ def _rows(ids: np.ndarray, mask: np.ndarray, size: int) -> pa.Table:
     )
 
 
-def rechunk(ds: datasets.Dataset, size: int, eot_id: int, path: Path) -> datasets.Dataset:
-    """Join the documents of `ds` with `eot_id` and cut them into `size`-token samples, via `path`."""
+def rechunk(
+    ds: datasets.Dataset, size: int, eot_id: int, path: Path, eot_if_missing: bool = False
+) -> datasets.Dataset:
+    """Join the documents of `ds` with `eot_id` and cut them into `size`-token samples, via `path`.
+
+    With `eot_if_missing`, a document that already ends with `eot_id` gets no second one.
+    """
     import datasets
 
     schema = pa.schema({"input_ids": IDS_TYPE, "loss_mask": MASK_TYPE})
@@ -63,7 +70,7 @@ def rechunk(ds: datasets.Dataset, size: int, eot_id: int, path: Path) -> dataset
     carry_mask: list[np.ndarray] = []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for table in _batches(ds):
-            ids, mask = _with_eot(table, eot_id)
+            ids, mask = _with_eot(table, eot_id, eot_if_missing)
             carry_ids.append(ids)
             carry_mask.append(mask)
             if size == -1:

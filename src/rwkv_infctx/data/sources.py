@@ -2,8 +2,9 @@
 
 A source is one of: a hub dataset name, a builder (`text`, `json`, `csv`, `parquet`, `arrow`) with
 `source_data_dir` or `data_files`, a path to a file or folder (the builder is inferred from the file
-extensions; a folder written by `save_to_disk` is loaded as is), or `pkg://NAME` for a file bundled
-in `rwkv_infctx/assets`. Local sources never touch the network.
+extensions; a folder written by `save_to_disk` is loaded as is), a binidx pair (`NAME.bin` and
+`NAME.idx`, named by prefix or either file; read by `binidx`, not here), or `pkg://NAME` for a file
+bundled in `rwkv_infctx/assets`. Local sources never touch the network.
 
 Text files are read as one document per file (`sample_by: document`) unless `source_dataset_params`
 says otherwise. Local text, JSON and CSV files must be valid UTF-8: a bad file is refused with its
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rwkv_infctx.data import binidx
 from rwkv_infctx.data.config import BUILDERS, DataConfig
 from rwkv_infctx.errors import UserError
 
@@ -45,7 +47,7 @@ PKG_PREFIX = "pkg://"
 class Source:
     """A resolved source: how to load it and what identifies its content."""
 
-    kind: str  # "local" (builder over files), "saved" (save_to_disk folder) or "hub"
+    kind: str  # "local" (builder over files), "saved" (save_to_disk folder), "binidx" or "hub"
     name: str  # what the user wrote, for messages
     builder: str | None = None
     files: dict[str, list[str]] = field(default_factory=dict)  # split -> absolute paths
@@ -106,6 +108,9 @@ def resolve_source(config: DataConfig) -> Source:
         )
     if src.startswith(PKG_PREFIX):
         return _path_source(_asset(src[len(PKG_PREFIX) :]), src, config.source_split)
+    pair = binidx.find(src)
+    if pair is not None:
+        return Source(kind="binidx", name=src, files={config.source_split: [str(p) for p in pair]})
     path = Path(src).expanduser()
     if path.exists():
         return _path_source(path, src, config.source_split)
