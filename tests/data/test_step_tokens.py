@@ -23,7 +23,10 @@ MASKS = [[1, 1, 0, 1], [0], [], [1, 1], [0, 0, 1, 1, 1, 0, 1], [1], [0, 1, 1], [
 def stored(masks: list[list[int]]) -> datasets.Dataset:
     ids = [list(range(len(m))) for m in masks]
     features = datasets.Features(
-        {"input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("uint8"))}
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "loss_mask": datasets.List(datasets.Value("uint8")),
+        }
     )
     return datasets.Dataset.from_dict({"input_ids": ids, "loss_mask": masks}, features=features)
 
@@ -72,7 +75,8 @@ def ranks_with_plan(n, world, counts, plan, cursor_state=None, epoch=1):
 )
 def test_each_key_carries_the_token_total_of_its_step_over_all_ranks(n, world, b, k, limit):
     counts = np.arange(n, dtype=np.float64) * 3 + 1
-    per_rank_batches = -(-(-(-n // world)) // b)
+    samples_per_rank = -(-n // world)
+    per_rank_batches = -(-samples_per_rank // b)
     plan = StepPlan(b, k, min(per_rank_batches, limit or per_rank_batches))
     per_rank = ranks_with_plan(n, world, counts, plan)
     expected = oracle_step_tokens(per_rank, counts, b, k, limit)

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.distributed.worker \
         STRATEGY OUT_DIR MODEL.pth LENGTHS [--steps N] [--optimizer sgd] [--accumulate K]
-        [--batch_size B] [--loss_normalization MODE[,MODE]]
+        [--batch_size B] [--loss_normalization MODE[,MODE]] [--no-shuffle]
 
 Trains `MODEL.pth` with RWKVModule on synthetic samples of the given lengths (one per rank per step,
 in order: Lightning's DistributedSampler gives rank r the samples r, r + W, ...) and writes to
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--loss_normalization", default="step_tokens")
+    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="data: only")
     args = parser.parse_args()
     modes = args.loss_normalization.split(",")
     for mode in modes:
@@ -120,7 +121,8 @@ def fit(args: argparse.Namespace, loss_normalization: str, out: Path) -> None:
         loss_normalization=loss_normalization,
     )
     if args.lengths.startswith("data:"):  # the project's datamodule (its rank-sharded sampler)
-        data = RWKVDataModule(data_path=args.lengths.removeprefix("data:"), batch_size=args.batch_size)
+        path = args.lengths.removeprefix("data:")
+        data = RWKVDataModule(data_path=path, batch_size=args.batch_size, shuffle=args.shuffle)
         loaders = {"datamodule": data}
     else:
         samples = synthetic_samples([int(n) for n in args.lengths.split(",")], module.model.cfg.vocab_size)

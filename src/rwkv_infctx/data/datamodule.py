@@ -16,8 +16,8 @@ from rwkv_infctx.data.build import loadable_metadata, make_fingerprint, prepare
 from rwkv_infctx.data.collator import collate
 from rwkv_infctx.data.config import DataConfig
 from rwkv_infctx.data.sampler import MarkedDataset, ResumableSampler, rank_and_world
-from rwkv_infctx.data.step_tokens import StepPlan, learnt_tokens
 from rwkv_infctx.data.sources import resolve_source
+from rwkv_infctx.data.step_tokens import StepPlan, learnt_tokens
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.tokenizer import load_tokenizer
 

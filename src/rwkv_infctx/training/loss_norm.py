@@ -46,7 +46,9 @@ def check_loss_normalization(value: Any) -> None:
         )
 
 
-def loss_norm(batch: dict[str, Tensor], mode: LossNormalization, trainer: Any, batch_idx: int) -> tuple[Tensor, float]:
+def loss_norm(
+    batch: dict[str, Tensor], mode: LossNormalization, trainer: Any, batch_idx: int
+) -> tuple[Tensor, float]:
     """(N, scale): the denominator of this micro-batch's objective, and the factor on its proxy."""
     strategy = trainer.strategy
     k = int(getattr(trainer, "accumulate_grad_batches", 1))
