@@ -40,13 +40,15 @@ def learnt_tokens(ds: datasets.Dataset) -> np.ndarray:
 def _learnt(table: pa.Table) -> np.ndarray:
     column = table.column("loss_mask").combine_chunks()
     lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    values = column.flatten().to_numpy(zero_copy_only=False)  # uint8: summed in int64, never widened
     ends = np.cumsum(lengths)
-    starts = ends - lengths
-    total = np.concatenate([[0.0], np.cumsum(values)])
-    # tokens 1..n-1 of each row (the first token is only read, never predicted)
-    counts = total[ends] - total[np.minimum(starts + 1, ends)]
-    return np.where(lengths >= 2, counts, 0.0)
+    counted = lengths >= 2  # tokens 1..n-1 of each row: the first token is only read, never predicted
+    out = np.zeros(len(lengths), np.float64)
+    if counted.any():
+        bounds = np.stack([ends[counted] - lengths[counted] + 1, ends[counted]], axis=1).ravel()
+        # reduceat sums values[bounds[2i]:bounds[2i+1]]; the appended 0 keeps the last bound in range
+        out[counted] = np.add.reduceat(np.append(values, 0), bounds, dtype=np.int64)[::2]
+    return out
 
 
 @dataclass(frozen=True)
