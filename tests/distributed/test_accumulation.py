@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rwkv_infctx.data import RWKVDataModule
 from rwkv_infctx.data.collator import collate
@@ -87,28 +88,40 @@ def report(what: str, new: float, old: float, tol: float) -> None:
 
 
 class StepGrads(pl.Callback):
-    """The gradients of every optimizer step, before it is taken."""
+    """Per optimizer step: its samples and its gradients, before the step is taken."""
 
     def __init__(self) -> None:
-        self.steps: list[dict[str, torch.Tensor]] = []
+        self.steps: list[dict] = []
+        self.samples: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.samples += batch["sample_index"].tolist()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.steps.append({n: p.grad.clone() for n, p in pl_module.model.named_parameters()})
+        grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()}
+        self.steps.append({"samples": sorted(self.samples), "grads": grads})
+        self.samples = []
 
 
-def fit_one_process(prepared, mode: str, cutoff: int) -> list[dict[str, torch.Tensor]]:
+def fit_one_process(
+    prepared, mode: str, cutoff: int | None = None, shuffle: bool = False, **kwargs
+) -> list[dict]:
+    """Accumulating 2 batches of 1 sample; each optimizer step's samples and gradients. `kwargs`:
+    Trainer arguments, and `ckpt_path` for fit."""
     data_path, model_path = prepared
     module = RWKVModule(
         load_model=str(model_path), ctx_len=CTX_LEN, ctx_len_cutoff=cutoff, optimizer="sgd",
         lr_init=LR, lr_final=LR, layerwise_lr=False, loss_normalization=mode,
     )  # fmt: skip
     grads = StepGrads()
+    ckpt_path = kwargs.pop("ckpt_path", None)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, accumulate_grad_batches=2, limit_train_batches=3,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        callbacks=[grads], num_sanity_val_steps=0,
+        accelerator="cpu", devices=1, max_epochs=1, accumulate_grad_batches=2, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        **{"enable_checkpointing": False, **kwargs, "callbacks": [grads, *kwargs.get("callbacks", [])]},
     )  # fmt: skip
-    trainer.fit(module, datamodule=RWKVDataModule(data_path=str(data_path), batch_size=1, shuffle=False))
+    data = RWKVDataModule(data_path=str(data_path), batch_size=1, shuffle=shuffle)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return grads.steps
 
 
@@ -116,13 +129,30 @@ def test_one_process_accumulating_2_gives_the_gradient_of_batch_2(prepared):
     """Samples 0, 1 | 2: three batches, the epoch's last step holds one (limit_train_batches 3);
     ctx_len_cutoff 20 cuts the longer samples into pieces."""
     cutoff = 20
-    new, old = (fit_one_process(prepared, mode, cutoff) for mode in MODES)
+    new, old = (fit_one_process(prepared, m, cutoff, limit_train_batches=3) for m in MODES)
     assert len(new) == len(old) == 2
     want = None
     for step, indices in enumerate([[0, 1], [2]]):
+        assert new[step]["samples"] == old[step]["samples"] == indices
         want = reference_grads(prepared, indices, cutoff, sgd_from=want)
-        figures = rel_all(new[step], want), rel_all(old[step], want)
+        figures = rel_all(new[step]["grads"], want), rel_all(old[step]["grads"], want)
         report(f"1 process, accumulate 2, step {step + 1}", *figures, GRAD_TOL)
+
+
+def test_a_run_resumed_between_two_steps_divides_by_the_same_step_totals(prepared, tmp_path):
+    """Shuffled; resumed from the checkpoint of step 1: step 2 is the uninterrupted run's, and the
+    gradient of its two samples in one batch (the cursor keeps the samples' places in the epoch)."""
+    every_step = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    straight = fit_one_process(
+        prepared, "step_tokens", shuffle=True, max_steps=2, enable_checkpointing=True, callbacks=[every_step]
+    )
+    ckpt = tmp_path / "epoch=0-step=1.ckpt"
+    resumed = fit_one_process(prepared, "step_tokens", shuffle=True, max_steps=2, ckpt_path=ckpt)
+    assert len(straight) == 2 and len(resumed) == 1
+    assert resumed[0]["samples"] == straight[1]["samples"]
+    want = reference_grads(prepared, straight[1]["samples"], sgd_from=straight[0]["grads"])
+    assert rel_all(straight[1]["grads"], want) <= GRAD_TOL
+    assert rel_all(resumed[0]["grads"], want) <= GRAD_TOL
 
 
 def step_samples(out: Path) -> list[list[int]]:
