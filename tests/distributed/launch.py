@@ -14,7 +14,9 @@ def run_ranks(args: list[str], nproc: int = 2, timeout: float = 300) -> subproce
     """Run the worker with `args` on `nproc` ranks; fails the test (with the output) on error or hang."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += ["-m", "tests.distributed.worker", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # the repository first (for `tests.`), then the caller's path (a worktree's src/ when set there)
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     try:
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:

@@ -1,7 +1,8 @@
 """One rank of a distributed test run, launched by `launch.run_ranks` under torchrun.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.distributed.worker \
-        STRATEGY OUT_DIR MODEL.pth LENGTHS [--steps N] [--optimizer sgd]
+        STRATEGY OUT_DIR MODEL.pth LENGTHS [--steps N] [--optimizer sgd] [--accumulate K]
+        [--batch_size B] [--loss_normalization MODE[,MODE]] [--no-shuffle]
 
 Trains `MODEL.pth` with RWKVModule on synthetic samples of the given lengths (one per rank per step,
 in order: Lightning's DistributedSampler gives rank r the samples r, r + W, ...) and writes to
@@ -9,6 +10,8 @@ OUT_DIR: `grads_rank{r}.pt` (the gradients of the first optimizer step, where th
 them in `.grad`), `final_rank{r}.pt` (the trained weights, gathered) and the Lightning checkpoint
 `last.ckpt` (a folder under DeepSpeed), and `fit_export.pth` (model.export at the end of fit).
 One validation batch runs at the end of the epoch. `--sample PROMPT` adds `GenerateSample` (greedy).
+With several `--loss_normalization` modes, one fit per mode runs from the same weights, each writing
+to OUT_DIR/MODE.
 """
 
 from __future__ import annotations
@@ -92,8 +95,20 @@ def main() -> None:
     parser.add_argument("--ctx_len", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--sample", default=None, help="PROMPT: GenerateSample, greedy, 24 tokens")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--loss_normalization", default="step_tokens")
+    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="data: only")
     args = parser.parse_args()
+    modes = args.loss_normalization.split(",")
+    for mode in modes:
+        out = args.out / mode if len(modes) > 1 else args.out
+        out.mkdir(exist_ok=True)
+        fit(args, mode, out)
 
+
+def fit(args: argparse.Namespace, loss_normalization: str, out: Path) -> None:
+    """One fit of `args.model` with `loss_normalization`, writing to `out` (see the module doc)."""
     module = RWKVModule(
         load_model=str(args.model),
         ctx_len=args.ctx_len,
@@ -101,11 +116,13 @@ def main() -> None:
         lr_init=args.lr,
         lr_final=args.lr,
         layerwise_lr=False,
-        export=str(args.out / "fit_export.pth"),
+        export=str(out / "fit_export.pth"),
         export_dtype="fp32",
+        loss_normalization=loss_normalization,
     )
     if args.lengths.startswith("data:"):  # the project's datamodule (its rank-sharded sampler)
-        data = RWKVDataModule(data_path=args.lengths.removeprefix("data:"), batch_size=1)
+        path = args.lengths.removeprefix("data:")
+        data = RWKVDataModule(data_path=path, batch_size=args.batch_size, shuffle=args.shuffle)
         loaders = {"datamodule": data}
     else:
         samples = synthetic_samples([int(n) for n in args.lengths.split(",")], module.model.cfg.vocab_size)
@@ -117,18 +134,19 @@ def main() -> None:
         strategy=make_strategy(args.strategy),
         max_steps=args.steps,
         max_epochs=1,
+        accumulate_grad_batches=args.accumulate,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        default_root_dir=str(args.out),
-        callbacks=[CaptureGrads(args.out), RecordSamples(args.out), *sample_callback(args.sample)],
+        default_root_dir=str(out),
+        callbacks=[CaptureGrads(out), RecordSamples(out), *sample_callback(args.sample)],
     )
     trainer.fit(module, **loaders)
-    trainer.save_checkpoint(args.out / "last.ckpt")
-    torch.save(gathered_state(trainer, module), args.out / f"final_rank{trainer.global_rank}.pt")
+    trainer.save_checkpoint(out / "last.ckpt")
+    torch.save(gathered_state(trainer, module), out / f"final_rank{trainer.global_rank}.pt")
 
 
 def sample_callback(prompt: str | None) -> list[pl.Callback]:

@@ -22,7 +22,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     Returns `input_ids` and `target_ids` (B, T) int64, `loss_mask` (B, T) float32 and `lengths` (B,)
     int64, the number of valid positions of each row. Samples under 2 tokens are dropped with a warning.
     Samples carrying `sample_index` (see `data.sampler.MarkedDataset`) add `sample_index` (B,) int64;
-    those with `padding` true (copies that even out the ranks) get an all-zero loss mask.
+    those with `padding` true (copies that even out the ranks) get an all-zero loss mask. Samples
+    carrying `step_tokens` (the learnt tokens of their optimizer step, `data.step_tokens`; the same
+    for every sample of a batch) add it as `step_tokens`, a float64 scalar.
     """
     ids = [np.asarray(s["input_ids"], dtype=np.int64) for s in samples]
     masks = [np.asarray(s["loss_mask"]) if s.get("loss_mask") is not None else None for s in samples]
@@ -47,4 +49,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     batch = {"input_ids": input_ids, "target_ids": target_ids, "loss_mask": loss_mask, "lengths": lengths}
     if all("sample_index" in samples[i] for i in keep):
         batch["sample_index"] = torch.tensor([samples[i]["sample_index"] for i in keep], dtype=torch.int64)
+    steps = {samples[i].get("step_tokens") for i in keep}
+    if steps != {None}:
+        if len(steps) != 1:
+            raise ValueError(f"collate: samples of one batch carry different step_tokens {steps}")
+        batch["step_tokens"] = torch.tensor(float(steps.pop()), dtype=torch.float64)
     return batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -16,6 +17,7 @@ from rwkv_infctx.data.collator import collate
 from rwkv_infctx.data.config import DataConfig
 from rwkv_infctx.data.sampler import MarkedDataset, ResumableSampler, rank_and_world
 from rwkv_infctx.data.sources import resolve_source
+from rwkv_infctx.data.step_tokens import StepPlan, learnt_tokens
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.tokenizer import load_tokenizer
 
@@ -65,7 +67,9 @@ class RWKVDataModule(LightningDataModule):
         shuffle: Shuffle training samples each epoch.
 
     Training batches come from a `ResumableSampler` (sharded over ranks, order from the run's seed
-    and the epoch); its cursor is saved in checkpoints (`state_dict`) and restored on resume.
+    and the epoch); its cursor is saved in checkpoints (`state_dict`) and restored on resume. With
+    `trainer.accumulate_grad_batches` > 1 they also carry `step_tokens`, the learnt tokens of their
+    optimizer step over all ranks (`data.step_tokens`), which the trainer's loss divides by.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class RWKVDataModule(LightningDataModule):
         self.splits: datasets.DatasetDict | None = None
         self.train_sampler: ResumableSampler | None = None
         self._sampler_state: dict[str, Any] | None = None
+        self._learnt: np.ndarray | None = None
 
     def prepare_data(self) -> None:
         """Build `data_path` unless it already matches the config (runs on one process per node)."""
@@ -163,6 +168,10 @@ class RWKVDataModule(LightningDataModule):
         sampler = ResumableSampler(len(ds), self.config.shuffle, seed, rank, world)
         if self._sampler_state is not None:
             sampler.load_state_dict(self._sampler_state)
+        if trainer is not None and int(trainer.accumulate_grad_batches) > 1:
+            if self._learnt is None:
+                self._learnt = learnt_tokens(self.splits["train"])
+            sampler.set_step_plan(self._learnt, lambda: self._step_plan(sampler))
         self.train_sampler = sampler
         return DataLoader(
             MarkedDataset(ds),
@@ -174,6 +183,14 @@ class RWKVDataModule(LightningDataModule):
             # or a run resumed at an epoch boundary would see dropout masks shifted by one draw
             generator=torch.Generator().manual_seed(seed),
         )
+
+    def _step_plan(self, sampler: ResumableSampler) -> StepPlan:
+        """This epoch's grouping of batches into optimizer steps (read when its iteration starts)."""
+        b = self.config.batch_size
+        batches = -(-len(sampler) // b)
+        limit = self.trainer.num_training_batches if self.trainer is not None else float("inf")
+        k = int(self.trainer.accumulate_grad_batches) if self.trainer is not None else 1
+        return StepPlan(b, k, int(min(batches, limit)))
 
     def state_dict(self) -> dict[str, Any]:
         """The training data cursor, for checkpoints: which sample comes next in which epoch."""

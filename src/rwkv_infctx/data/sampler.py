@@ -9,7 +9,10 @@ not shuffling). It is padded to a multiple of the world size and dealt out rank 
   marked `Padding`; `MarkedDataset` flags them and the collator zeroes their loss mask, so they are
   computed (keeping the ranks in step) but learnt by nobody;
 - the cursor (samples consumed so far this epoch, all ranks together) is in `state_dict()`;
-  `load_state_dict()` makes the next `__iter__` of that epoch start right after it.
+  `load_state_dict()` makes the next `__iter__` of that epoch start right after it;
+- with a step plan (`set_step_plan`), each index it yields is a `SampleKey` carrying the learnt
+  tokens of its optimizer step over all ranks (`data.step_tokens`), which `MarkedDataset` and the
+  collator hand on to the trainer as the batch's `step_tokens`.
 
 It subclasses `DistributedSampler` so that Lightning's `use_distributed_sampler` leaves it alone.
 """
@@ -17,18 +20,34 @@ It subclasses `DistributedSampler` so that Lightning's `use_distributed_sampler`
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from rwkv_infctx.data.step_tokens import StepPlan, position_weights, step_totals
 from rwkv_infctx.errors import UserError
 
 
 class Padding(int):
     """A sample index repeated only to even out the ranks: its loss is masked (learnt by nobody)."""
+
+
+class SampleKey(int):
+    """A sample index as `ResumableSampler` yields it with a step plan: whether it is padding, and the
+    learnt tokens of its optimizer step over all ranks (`step_tokens`)."""
+
+    padding: bool = False
+    step_tokens: float | None = None
+
+    @classmethod
+    def of(cls, index: int, step_tokens: float) -> SampleKey:
+        key = cls(index)
+        key.padding, key.step_tokens = isinstance(index, Padding), float(step_tokens)
+        return key
 
 
 def rank_and_world(trainer: Any = None) -> tuple[int, int]:
@@ -67,6 +86,16 @@ class ResumableSampler(DistributedSampler):
         self.cursor = 0
         """Global position (all ranks) of the next sample of `epoch`, set by load_state_dict."""
         self._resume_epoch: int | None = None
+        self._counts: np.ndarray | None = None
+        self._plan: Callable[[], StepPlan] | None = None
+
+    def set_step_plan(self, learnt: np.ndarray, plan: Callable[[], StepPlan]) -> None:
+        """Yield `SampleKey`s with their step's token total: `learnt` per sample (`step_tokens.
+        learnt_tokens`), `plan()` read when an epoch's iteration starts (Lightning knows its batch
+        count by then)."""
+        if len(learnt) != self.n:
+            raise ValueError(f"{len(learnt)} token counts for {self.n} samples")
+        self._counts, self._plan = learnt, plan
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at every epoch start; a restored cursor applies to its epoch only."""
@@ -89,7 +118,13 @@ class ResumableSampler(DistributedSampler):
         order = self.order(self.epoch)
         start = self.cursor if self._resume_epoch == self.epoch else 0
         self._resume_epoch = None
-        yield from order[start + self.rank :: self.num_replicas]
+        mine = range(start + self.rank, len(order), self.num_replicas)
+        if self._plan is None or self._counts is None:
+            yield from (order[p] for p in mine)
+            return
+        weights = position_weights(order, self._counts, [isinstance(i, Padding) for i in order])
+        totals = step_totals(weights, self.num_replicas, self._plan())
+        yield from (SampleKey.of(order[p], totals[p]) for p in mine)
 
     def __len__(self) -> int:
         """Samples per rank in a whole epoch (a resumed epoch yields only the rest)."""
@@ -130,7 +165,8 @@ class ResumableSampler(DistributedSampler):
 
 
 class MarkedDataset(Dataset):
-    """Rows of `dataset` with `sample_index` and `padding` added (for the collator and the NaN guard)."""
+    """Rows of `dataset` with `sample_index` and `padding` added (for the collator and the NaN guard),
+    and `step_tokens` when the key is a `SampleKey`."""
 
     def __init__(self, dataset: Sized) -> None:
         self.dataset = dataset
@@ -141,5 +177,7 @@ class MarkedDataset(Dataset):
     def __getitem__(self, key: int) -> dict[str, Any]:
         row = dict(self.dataset[int(key)])  # type: ignore[index]
         row["sample_index"] = int(key)
-        row["padding"] = isinstance(key, Padding)
+        row["padding"] = isinstance(key, Padding) or bool(getattr(key, "padding", False))
+        if getattr(key, "step_tokens", None) is not None:
+            row["step_tokens"] = key.step_tokens
         return row

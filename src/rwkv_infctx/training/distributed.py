@@ -8,6 +8,9 @@ and scales its proxy by W, which the strategy's averaging undoes:
 
     mean_r (W · ce_r / N_all) = Σ_r ce_r / N_all
 
+That is the normaliser of a micro-step on its own; with gradient accumulation the trainer divides by
+the token total of the whole optimizer step instead, carried by the batches (`training.loss_norm`).
+
 ZeRO-3 gathers a module's weights in its forward (and again in its backward) with a collective. A
 layer-by-layer gather would need every rank to call the layers equally often, but a rank's segment
 count is its sample's length, so ranks would hang. `make_zero3_leaf` makes the network DeepSpeed's

@@ -18,7 +18,6 @@ from rwkv_infctx.training.callbacks import StepMetrics
 from rwkv_infctx.training.checkpointing import ResumeState
 from rwkv_infctx.training.distributed import (
     full_weights,
-    global_token_norm,
     make_zero3_leaf,
     offloads_optimizer,
     run_on_network,
@@ -26,6 +25,12 @@ from rwkv_infctx.training.distributed import (
 )
 from rwkv_infctx.training.grad_sums import GradAccumDtype, check_grad_accum_dtype
 from rwkv_infctx.training.loss import LOSS_CHUNK, check_loss_chunk
+from rwkv_infctx.training.loss_norm import (
+    LossNormalization,
+    check_loss_normalization,
+    check_step_grouping,
+    loss_norm,
+)
 from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
 from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
 from rwkv_infctx.training.segments import (
@@ -90,6 +95,10 @@ class RWKVModule(pl.LightningModule):
         peak_tflops: Accelerator peak TFLOP/s for the logged MFU (6·N·tokens/s over peak); null looks
             up known GPUs (H100/H200 989, A100 312, ...); no MFU on the CPU.
         nan_policy: On a non-finite loss or gradient: stop (naming the step and samples) or skip the step.
+        loss_normalization: step_tokens: an optimizer step's loss is the mean over every learnt token
+            of all its micro-batches on all ranks (the update of one process holding all its samples
+            in one micro-batch); micro_batch_tokens: each micro-step is the mean over its own tokens
+            (all ranks) and the step the mean of its micro-steps (`training.loss_norm`).
     """
 
     def __init__(
@@ -131,6 +140,7 @@ class RWKVModule(pl.LightningModule):
         export_dtype: Literal["bf16", "fp32"] = "bf16",
         peak_tflops: float | None = None,
         nan_policy: NanPolicy = "stop",
+        loss_normalization: LossNormalization = "step_tokens",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -143,6 +153,7 @@ class RWKVModule(pl.LightningModule):
         check_grad_accum_dtype(grad_accum_dtype)
         check_loss_chunk(loss_chunk)
         check_boundary_place(boundary_states)
+        check_loss_normalization(loss_normalization)
         self.optim = OptimConfig(
             optimizer,
             lr_init,
@@ -178,8 +189,8 @@ class RWKVModule(pl.LightningModule):
         """Returns bptt_step's proxy (value 0); the real loss is logged by StepMetrics after backward."""
         check_token_ids(batch, self.model.cfg.vocab_size)
         hp = self.hparams
-        # one process with every rank's batch would divide by all their tokens (training.distributed)
-        n_all, world = global_token_norm(batch["loss_mask"], self.trainer.strategy)
+        # the step's tokens on all ranks, and the strategies' averaging undone (training.loss_norm)
+        n_norm, scale = loss_norm(batch, hp.loss_normalization, self.trainer, batch_idx)
 
         def step(net, anchor):
             return bptt_step(
@@ -189,7 +200,7 @@ class RWKVModule(pl.LightningModule):
                 hp.ctx_len_cutoff,
                 hp.bptt,
                 hp.grad_cp,
-                n_all,
+                n_norm,
                 anchor,
                 grad_accum_dtype=hp.grad_accum_dtype,
                 loss_chunk=hp.loss_chunk,
@@ -197,7 +208,10 @@ class RWKVModule(pl.LightningModule):
             )
 
         proxy, self.last_report = run_on_network(self.model, step, self._zero3, batch["input_ids"].device)
-        return proxy * world if world != 1 else proxy
+        return proxy * scale if scale != 1 else proxy
+
+    def on_train_epoch_start(self) -> None:
+        check_step_grouping(self.trainer, self.hparams.loss_normalization)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._log_eval("val_loss", batch)
