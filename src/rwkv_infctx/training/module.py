@@ -77,8 +77,9 @@ class RWKVModule(pl.LightningModule):
         wkv_backend: WKV kernel: auto (fastest for the device) or reference.
         export: Path of the RWKV-LM .pth written at the end of fit (null: none).
         export_dtype: dtype of that file: bf16 or fp32.
-        peak_tflops: Accelerator peak TFLOP/s for the logged MFU (6·N·tokens/s over peak); null looks
-            up known GPUs (H100/H200 989, A100 312, ...); no MFU on the CPU.
+        peak_tflops: Accelerator peak TFLOP/s for the logged MFU (3 × forward FLOPs per token ×
+            tokens/s over peak); null looks up known GPUs (H100/H200 989, A100 312, ...); no MFU on
+            the CPU.
         nan_policy: On a non-finite loss or gradient: stop (naming the step and samples) or skip the step.
     """
 
