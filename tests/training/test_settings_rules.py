@@ -245,3 +245,19 @@ def test_example_and_boundary_values_are_accepted():
             check_settings({**base, key: value}.get)
     with pytest.raises(UserError, match=r"^model\.beta1: 1\.0 is out of range"):
         check_settings({**base, "model.beta1": 1.0}.get)
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_config_is_in_range(config):
+    flat = values(yaml.safe_load(config.read_text(encoding="utf-8")))
+    check_settings(flat.get, flat.__contains__)
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_check_too(subcommand, workdir, capsys):
+    assert main([subcommand, "-c", str(EXAMPLE), "--model.ctx_len", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"rwkv-infctx {subcommand}: error: model.ctx_len: 0 is out of range (expected an integer ≥ 1)"
+    )
+    assert snapshot(workdir) == set()
