@@ -84,7 +84,7 @@ def mfu(n_params: int, tok_s: float, tflops: float | None) -> float | None:
     """6·N·tokens/s over a rate in TFLOP/s (None when the rate is unknown). N counts every parameter,
     the embedding included, as issue 5's anchor figures do (the trainer's logged MFU leaves the
     embedding out: `training/throughput.py`)."""
-    return None if not tflops else throughput.mfu(tok_s, n_params, tflops)
+    return None if not tflops else throughput.mfu(tok_s, 6.0 * n_params, tflops)
 
 
 @torch.no_grad()

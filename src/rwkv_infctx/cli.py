@@ -36,7 +36,10 @@ def _run_command(name: str, argv: list[str]) -> int:
     module = importlib.import_module(f"rwkv_infctx.commands.{name.replace('-', '_')}")
     parser = argparse.ArgumentParser(prog=f"rwkv-infctx {name}", description=COMMANDS[name])
     module.add_arguments(parser)
-    args = parser.parse_args(argv)
+    if getattr(module, "TAKES_OVERRIDES", False):  # `--data.KEY VALUE` pairs, checked by the command
+        args, args.overrides = parser.parse_known_args(argv)
+    else:
+        args = parser.parse_args(argv)
     return module.run(args) or 0
 
 

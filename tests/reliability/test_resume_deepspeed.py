@@ -25,7 +25,12 @@ CPU_DEEPSPEED = {
     "class_path": "tests.distributed.cpu_deepspeed.CPUDeepSpeedStrategy",
     "init_args": {"stage": 2},
 }
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONWARNINGS": "ignore",
+    "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
+}
 
 
 def config_for(root: Path, corpus) -> Path:

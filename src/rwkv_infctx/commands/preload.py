@@ -1,7 +1,10 @@
-"""`rwkv-infctx preload -c config.yaml`: tokenize the `data:` section's source into `data.data_path`.
+"""`rwkv-infctx preload -c config.yaml [--data.KEY VALUE ...]`: tokenize the `data:` section's source
+into `data.data_path`.
 
-Reads the same YAML `fit` uses and ignores every section but `data:`. Builds `data_path` when it is
-missing or was built from something else, reuses it otherwise, and prints a summary.
+Reads the same YAML `fit` uses and ignores every section but `data:`; takes the same `--data.*`
+overrides as `fit`, so that a following `fit` with that config and those overrides reuses the folder.
+Builds `data_path` when it is missing or was built from something else, reuses it otherwise, and
+prints a summary.
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ from rwkv_infctx.data.build import prepare
 from rwkv_infctx.data.config import config_from_yaml
 from rwkv_infctx.errors import UserError
 
+TAKES_OVERRIDES = True
+"""The dispatcher hands the arguments it does not know (`--data.KEY VALUE`) to `run` as `overrides`."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", required=True, help="YAML file with a data: section (as for fit)")
+    parser.epilog = "Then --data.KEY VALUE overrides, as for fit (e.g. --data.rechunk_size 300)."
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_yaml(args.config)
+    config = config_from_yaml(args.config, getattr(args, "overrides", []))
     if config.source is None:
         raise UserError(f"config {args.config}: data.source is empty (nothing to preload)")
     done = prepare(config)

@@ -271,8 +271,9 @@ def known_options() -> list[str]:
     return [f.name for f in fields(DataConfig)]
 
 
-def config_from_yaml(path: str) -> DataConfig:
-    """The `data:` section of a training YAML (other sections ignored), checked.
+def config_from_yaml(path: str, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
+    """The `data:` section of a training YAML (other sections ignored), with `fit`'s command-line
+    overrides of it (`--data.rechunk_size 300`, `--data.test_split=2`) applied, checked.
 
     Accepts the section flat (`data: {source: ...}`) or in LightningCLI's `init_args` form.
     """
@@ -294,4 +295,35 @@ def config_from_yaml(path: str) -> DataConfig:
     for key in data:
         if key not in known and key != "class_path":
             raise UserError(f"config {path}: unknown key data.{key} (known: {', '.join(sorted(known))})")
-    return DataConfig(**{k: v for k, v in data.items() if k != "class_path"})
+    data = {k: v for k, v in data.items() if k != "class_path"} | parse_overrides(overrides)
+    from rwkv_infctx.training.settings_rules import check_settings  # the table fit checks too
+
+    values = {f"data.{f.name}": data.get(f.name, f.default) for f in fields(DataConfig)}
+    check_settings(values.get, values.__contains__)
+    return DataConfig(**data)
+
+
+def parse_overrides(argv: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--data.KEY VALUE` / `--data.KEY=VALUE` pairs as {KEY: value}; values read as YAML, as `fit`
+    reads them (a text option keeps its text: `--data.source_split 2023` is the string "2023")."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        key, eq, raw = arg.partition("=")
+        if not key.startswith("--data.") or (not eq and not args):
+            raise UserError(f"{arg}: unexpected argument (expected --data.KEY VALUE, as for fit)")
+        raw = raw if eq else args.pop(0)
+        name = key.removeprefix("--data.")
+        if name not in _TYPES:
+            raise UserError(f"{key}: unknown data option (known: {', '.join(sorted(_TYPES))})")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if value is not None and not isinstance(value, _TYPES[name]) and str in _TYPES[name]:
+            value = raw
+        out[name] = value
+    return out

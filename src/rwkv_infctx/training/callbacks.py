@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 
@@ -11,14 +10,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from rwkv_infctx.training.distributed import gathered_network
-from rwkv_infctx.training.throughput import device_peak_tflops, matmul_params, mfu
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on `device`, or the process's peak RSS on CPU, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+from rwkv_infctx.training.peak_memory import SOURCES, peak_memory_mb
+from rwkv_infctx.training.throughput import device_peak_tflops, mfu, train_flops_per_token
 
 
 class StepMetrics(pl.Callback):
@@ -37,13 +30,13 @@ class StepMetrics(pl.Callback):
         self._last: float | None = None
         self._lr = 0.0
         self.peak_tflops = peak_tflops
-        self._n_params = 0
+        self._flops_per_token = 0.0
         self._tokens = 0
         self._seconds = 0.0
         self._last_loss: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._n_params = matmul_params(pl_module.model)
+        self._flops_per_token = train_flops_per_token(pl_module.model)
         if self.peak_tflops is None:
             self.peak_tflops = device_peak_tflops(pl_module.device)
 
@@ -69,18 +62,20 @@ class StepMetrics(pl.Callback):
         log("loss", report.loss, prog_bar=True, batch_size=max(int(report.n_tokens), 1))
         log("tokens_per_s", rate, prog_bar=True, batch_size=1)
         log("segments", float(report.n_segments), batch_size=1)
-        log("peak_mem_mb", peak_memory_mb(pl_module.device), batch_size=1)
+        log("peak_mem_mb", peak_memory_mb(pl_module.device)[0], batch_size=1)
         log("lr", self._lr, batch_size=1)
         if self.peak_tflops:
-            log("mfu", mfu(rate, self._n_params, self.peak_tflops), batch_size=1)
+            log("mfu", mfu(rate, self._flops_per_token, self.peak_tflops), batch_size=1)
 
     def summary(self, device: torch.device) -> str:
-        """One line: tokens, time, tokens/s, MFU (where known), peak memory, last loss."""
+        """One line: tokens, time, tokens/s, MFU (where known), peak memory and what measured it
+        (`training.peak_memory`), last loss."""
         rate = self._tokens / max(self._seconds, 1e-9)
         parts = [f"{self._tokens:,} tokens in {self._seconds:.1f} s", f"{rate:,.0f} tokens/s"]
         if self.peak_tflops:
-            parts.append(f"MFU {100 * mfu(rate, self._n_params, self.peak_tflops):.1f}%")
-        parts.append(f"peak memory {peak_memory_mb(device):,.0f} MiB")
+            parts.append(f"MFU {100 * mfu(rate, self._flops_per_token, self.peak_tflops):.1f}%")
+        peak, source = peak_memory_mb(device)
+        parts.append(f"peak memory {peak:,.0f} MiB ({SOURCES[source]})")
         if self._last_loss is not None:
             parts.append(f"last loss {self._last_loss:.4f}")
         return "training summary: " + ", ".join(parts) + " (this rank)"

@@ -144,6 +144,13 @@ def _readable(message: str) -> str:
     lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")]
     key = next((m.group(1) for line in lines if (m := re.match(r'Parser key "([^"]+)"', line))), None)
     detail = lines[-1] if lines else message
+    given = re.search(r"(?:Got|Given) value: (.*)$", detail)
+    if key and given:  # a wrong type for a key of the settings table: say what it accepts
+        from rwkv_infctx.training.settings_rules import refusal
+
+        line = refusal(key, given.group(1).strip())
+        if line is not None:
+            return line
     detail = detail.replace("<class 'int'>", "int").replace("<class 'float'>", "float").replace("typing.", "")
     return f"{key}: {detail}" if key else f"config: {detail}"
 

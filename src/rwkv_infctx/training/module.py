@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -40,6 +41,7 @@ from rwkv_infctx.training.segments import (
     check_token_ids,
     evaluate_loss,
 )
+from rwkv_infctx.training.wkv_flops import counting_backend, declare_wkv_work
 
 
 class RWKVModule(pl.LightningModule):
@@ -92,8 +94,9 @@ class RWKVModule(pl.LightningModule):
         wkv_backend: WKV kernel: auto (fastest for the device) or reference.
         export: Path of the RWKV-LM .pth written at the end of fit (null: none).
         export_dtype: dtype of that file: bf16 or fp32.
-        peak_tflops: Accelerator peak TFLOP/s for the logged MFU (6·N·tokens/s over peak); null looks
-            up known GPUs (H100/H200 989, A100 312, ...); no MFU on the CPU.
+        peak_tflops: Accelerator peak TFLOP/s for the logged MFU (3 × forward FLOPs per token ×
+            tokens/s over peak); null looks up known GPUs (H100/H200 989, A100 312, ...); no MFU on
+            the CPU.
         nan_policy: On a non-finite loss or gradient: stop (naming the step and samples) or skip the step.
         loss_normalization: step_tokens: an optimizer step's loss is the mean over every learnt token
             of all its micro-batches on all ranks (the update of one process holding all its samples
@@ -184,6 +187,32 @@ class RWKVModule(pl.LightningModule):
         self.last_report: StepReport | None = None
         self._zero3 = False
         self._compiled = False
+        # one ctx_len segment at batch 1: Lightning's model summary measures its forward FLOPs
+        self.example_input_array = torch.zeros(1, ctx_len, dtype=torch.long)
+
+    @torch.compiler.disable  # the summary's FLOP counter runs it: plain eager ops
+    def forward(self, tokens_BT: Tensor) -> Tensor:
+        """Greedy next-token ids (B, T) for every position, from a fresh state: one forward of the
+        network, the head applied loss_chunk positions at a time (logits never exist all at once).
+
+        Lightning's model summary runs it on `example_input_array`, so its Total FLOPs is the forward
+        FLOPs of one segment: the matmuls it measures plus the WKV work declared here
+        (`training.wkv_flops`), i.e. `ctx_len × rwkv4_flops.forward_flops_per_token`. While a FLOP
+        counter runs, the WKV goes through the reference op (`wkv_flops.counting_backend`).
+        """
+        cfg = self.model.cfg
+
+        def predict(net, _):
+            with counting_backend(self.model, tokens_BT.device):
+                h_BTC, _ = net.hidden(tokens_BT)
+            rows = h_BTC.flatten(0, 1).split(self.hparams.loss_chunk)
+            ids = torch.cat([net.head(rows_tC).argmax(-1) for rows_tC in rows])
+            declare_wkv_work(h_BTC, cfg.n_layer, tokens_BT.numel(), cfg.dim_att)
+            return ids.view(tokens_BT.shape)
+
+        # always as one hooked call of the network (as under ZeRO-3, where it also gathers the
+        # weights): the model summary then attributes the FLOPs and the output size to `model`
+        return run_on_network(self.model, predict, zero3=True)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Returns bptt_step's proxy (value 0); the real loss is logged by StepMetrics after backward."""

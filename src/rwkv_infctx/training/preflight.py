@@ -1,6 +1,8 @@
 """`CheckedLightningCLI`: LightningCLI that refuses bad input before anything is written.
 
-Before `fit`, `validate` or `test` starts (so before any log folder, checkpoint or data_path):
+Right after parsing (before the seed, any class or file exists), every setting is checked against
+the table of `training.settings_rules`. Then, before `fit`, `validate` or `test` starts (so before
+any log folder, checkpoint or data_path):
 - Trainer arguments Lightning rejects (an unknown strategy, accelerator, precision) become one line;
 - trainer.precision must be one this trainer supports (`SUPPORTED_PRECISIONS`; docs/training.md);
 - `ckpt_path: auto` is resolved to the complete checkpoint with the highest global step, an explicit
@@ -23,11 +25,7 @@ from rwkv_infctx.training.checkpointing import (
     check_output_folder,
     resolve_ckpt_path,
 )
-
-SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true")
-"""trainer.precision values that are tested end to end (tests/training/test_precision.py)."""
-
-_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+from rwkv_infctx.training.settings_rules import PRECISION_ALIASES, SUPPORTED_PRECISIONS, check_settings
 
 
 def check_precision(value: Any) -> None:
@@ -38,14 +36,20 @@ def check_precision(value: Any) -> None:
     """
     if value is None:
         return
-    name = _PRECISION_ALIASES.get(str(value), str(value))
+    name = PRECISION_ALIASES.get(str(value), str(value))
     if name not in SUPPORTED_PRECISIONS:
         supported = ", ".join(SUPPORTED_PRECISIONS)
         raise UserError(f"trainer.precision: {value!r} is not supported (expected null, {supported})")
 
 
 class CheckedLightningCLI(LightningCLI):
-    """LightningCLI with the checks of the module doc run in `before_<subcommand>`."""
+    """LightningCLI with the checks of the module doc: the settings table right after parsing, the
+    rest in `before_<subcommand>`."""
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config[self.config.subcommand] if "subcommand" in self.config else self.config
+        check_settings(lambda key: config.get(key), lambda key: key in config)
 
     def instantiate_trainer(self, **kwargs: Any):
         check_precision({**self._get(self.config_init, "trainer", default={}), **kwargs}.get("precision"))

@@ -1,8 +1,10 @@
 """Model FLOPs utilisation: the share of the accelerator's peak that the training step uses.
 
-MFU = 6 · N · tokens/s / peak, with N the parameters that do matrix work per token (everything but the
-embedding table, which is a lookup). 6·N counts the forward (2·N) and backward (4·N) multiply-adds;
-segmented BPTT's extra state-only pass and recomputation are not counted, so MFU measures useful work.
+MFU = F · tokens/s / peak, with F the training FLOPs per token = 3 × the analytic forward FLOPs per
+token (`model/rwkv4_flops.py`: every matmul, 2 FLOPs per weight, the head included and the embedding
+lookup not, plus the WKV recurrence's elementwise work). The backward counts twice the forward
+(exact for the matmuls: one product for the input's gradient, one for the weight's). Segmented
+BPTT's extra state-only pass and recomputation are not counted, so MFU measures useful work.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ def peak_tflops_for_name(device_name: str) -> float | None:
     return None
 
 
-def matmul_params(model: nn.Module) -> int:
-    """N of 6·N: every parameter except the embedding table."""
-    emb = getattr(model, "emb", None)
-    skip = {id(p) for p in emb.parameters()} if isinstance(emb, nn.Module) else set()
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+def train_flops_per_token(model: nn.Module) -> float:
+    """FLOPs of one training token (forward + backward): 3 × `forward_flops_per_token(model.cfg)`."""
+    from rwkv_infctx.model.rwkv4_flops import forward_flops_per_token
+
+    return 3.0 * forward_flops_per_token(model.cfg)
 
 
-def mfu(tokens_per_s: float, n_params: int, peak_tflops: float) -> float:
-    """Model FLOPs utilisation in [0, 1]."""
-    return 6.0 * n_params * tokens_per_s / (peak_tflops * 1e12)
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation in [0, 1]: `flops_per_token` (a training token's) at `tokens_per_s`."""
+    return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
