@@ -174,5 +174,5 @@ def test_rwkv7_flops_per_token():
 
 def test_rwkv4_flops_per_token():
     model = RWKV4(V4)
-    expected = 2 * matmul_weights(model) + V4.n_layer * 20 * V4.dim_att
+    expected = 2 * matmul_weights(model) + V4.n_layer * 23 * V4.dim_att  # rwkv4_flops: 23 ops/channel
     assert family_of(model).forward_flops_per_token(V4) == expected

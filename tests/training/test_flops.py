@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from rwkv_infctx.model import RWKV4, RWKV4Config
+from rwkv_infctx.model import RWKV4, RWKV7, RWKV4Config, RWKV7Config
+from rwkv_infctx.model.registry import family_named
 from rwkv_infctx.model.rwkv4_flops import (
     WKV_OPS_PER_CHANNEL,
     forward_flops_per_token,
@@ -26,11 +27,16 @@ from rwkv_infctx.model.rwkv4_flops import (
     matmul_weights,
     wkv_flops_per_token,
 )
+from rwkv_infctx.model.rwkv7 import family as rwkv7_family
 from rwkv_infctx.ops.wkv4 import fresh_wkv4_state, wkv4_reference
 from rwkv_infctx.training.module import RWKVModule
 from rwkv_infctx.training.throughput import mfu, train_flops_per_token
 
 DIMS = {"n_layer": 2, "n_embd": 32, "vocab_size": 97, "dim_att": 24, "dim_ffn": 80}
+FAMILY_DIMS = {
+    "rwkv4": {"arch": "rwkv4", **DIMS},
+    "rwkv7": {"arch": "rwkv7", "n_layer": 2, "n_embd": 128, "vocab_size": 97, "d_mv_lora": 16},
+}
 ARITHMETIC = {"aten.add", "aten.sub", "aten.mul", "aten.div", "aten.exp", "aten.maximum", "aten.neg"}
 
 
@@ -76,21 +82,31 @@ def test_torch_measures_the_matmul_part():
     assert counter.get_total_flops() == T * matmul_flops_per_token(cfg)  # WKV: not seen
 
 
+def test_torch_measures_the_rwkv7_matmul_part():
+    cfg = RWKV7Config(n_layer=2, n_embd=128, vocab_size=97, wkv_backend="reference")
+    model, T = RWKV7(cfg), 16
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, T, dtype=torch.long))
+    assert counter.get_total_flops() == T * rwkv7_family.matmul_flops_per_token(cfg)  # WKV: not seen
+
+
+@pytest.mark.parametrize("family", FAMILY_DIMS)
 @pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
-def test_lightning_summary_total_is_the_analytic_forward(backend):
-    module = RWKVModule(**DIMS, ctx_len=16, loss_chunk=5, wkv_backend=backend)
-    cfg = module.model.cfg
+def test_lightning_summary_total_is_the_analytic_forward(family, backend):
+    module = RWKVModule(**FAMILY_DIMS[family], ctx_len=16, loss_chunk=5, wkv_backend=backend)
+    cfg, rules = module.model.cfg, family_named(family)
     summary = summarize(module, max_depth=1)  # what the ModelSummary callback prints at fit start
-    assert summary.total_flops == 16 * forward_flops_per_token(cfg)
-    assert summary.total_flops == 16 * (matmul_flops_per_token(cfg) + wkv_flops_per_token(cfg))
-    assert train_flops_per_token(module.model) == 3 * forward_flops_per_token(cfg)
+    assert summary.total_flops == 16 * rules.forward_flops_per_token(cfg)
+    assert train_flops_per_token(module.model) == 3 * rules.forward_flops_per_token(cfg)
     assert mfu(1000.0, train_flops_per_token(module.model), 1.0) == pytest.approx(
-        3 * forward_flops_per_token(cfg) * 1000 / 1e12
+        3 * rules.forward_flops_per_token(cfg) * 1000 / 1e12
     )
+    if family == "rwkv4":
+        assert summary.total_flops == 16 * (matmul_flops_per_token(cfg) + wkv_flops_per_token(cfg))
 
 
 def test_forward_is_the_greedy_prediction_in_chunks():
-    module = RWKVModule(**DIMS, ctx_len=16, loss_chunk=5, wkv_backend="reference")
+    module = RWKVModule(**FAMILY_DIMS["rwkv4"], ctx_len=16, loss_chunk=5, wkv_backend="reference")
     tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, _ = module.model(tokens)
@@ -101,5 +117,5 @@ def test_forward_is_the_greedy_prediction_in_chunks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lightning_summary_on_cuda_with_the_triton_op():
     """auto on CUDA: the Triton WKV op (a custom op with no flop formula, invisible to the counter)."""
-    module = RWKVModule(**DIMS, ctx_len=64, loss_chunk=20).cuda()
+    module = RWKVModule(**FAMILY_DIMS["rwkv4"], ctx_len=64, loss_chunk=20).cuda()
     assert summarize(module, max_depth=1).total_flops == 64 * forward_flops_per_token(module.model.cfg)

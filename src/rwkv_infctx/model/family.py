@@ -26,7 +26,9 @@ class ModelFamily:
     infer_config: (state dict, path, **options) -> config, from the tensor shapes.
     init_weights: (model, seed) -> model, the family's initialisation from scratch, in place.
     optim_rule: (parameter name, parameter, layerwise_lr) -> (learning-rate scale, weight decay on?).
-    forward_flops_per_token: config -> forward FLOPs of one token (for the MFU report).
+    forward_flops_per_token: config -> forward FLOPs of one token (the MFU report, the model summary).
+    wkv_flops_per_token: config -> the part of those that is the WKV recurrence's elementwise work
+        (a FLOP counter sees only matmuls; the model summary declares this part).
     """
 
     name: str
@@ -40,6 +42,7 @@ class ModelFamily:
     init_weights: Callable[[nn.Module, int], nn.Module]
     optim_rule: Callable[[str, nn.Parameter, bool], tuple[float, bool]]
     forward_flops_per_token: Callable[[Any], float]
+    wkv_flops_per_token: Callable[[Any], float]
     optional_keys: tuple[str, ...] = ()
 
     def detects(self, sd: Mapping[str, Tensor]) -> bool:

@@ -1,4 +1,5 @@
-"""RWKV-4 ("v4neo") as a model family: file detection, config from shapes, optimizer rules, FLOPs."""
+"""RWKV-4 ("v4neo") as a model family: file detection, config from shapes, optimizer rules; its FLOPs
+are in `rwkv4_flops.py`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rwkv_infctx.model.config import RWKV4Config
 from rwkv_infctx.model.family import ModelFamily
 from rwkv_infctx.model.init import init_weights
 from rwkv_infctx.model.rwkv4 import RWKV4
+from rwkv_infctx.model.rwkv4_flops import forward_flops_per_token, wkv_flops_per_token
 from rwkv_infctx.model.state import RWKV4State
 
 LAYERWISE_SCALES = {"time_decay": 2.0, "time_first": 3.0}
@@ -51,13 +53,6 @@ def optim_rule(name: str, p: nn.Parameter, layerwise_lr: bool) -> tuple[float, b
     return (scale if layerwise_lr else 1.0), p.squeeze().dim() >= 2
 
 
-def forward_flops_per_token(cfg: RWKV4Config) -> float:
-    """2 FLOPs per multiply-add of every matmul (embedding lookup excluded), plus WKV's ~20 per channel."""
-    C, A, F, V, L = cfg.n_embd, cfg.dim_att, cfg.dim_ffn, cfg.vocab_size, cfg.n_layer
-    per_layer = 2 * (3 * C * A + A * C + 2 * C * F + C * C) + 20 * A
-    return float(L * per_layer + 2 * C * V)
-
-
 FAMILY = ModelFamily(
     name="rwkv4",
     title="RWKV-4",
@@ -70,4 +65,5 @@ FAMILY = ModelFamily(
     init_weights=init_weights,
     optim_rule=optim_rule,
     forward_flops_per_token=forward_flops_per_token,
+    wkv_flops_per_token=wkv_flops_per_token,
 )

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import save_model
+from rwkv_infctx.model.registry import family_of
 from rwkv_infctx.training.boundary_states import BoundaryPlace, check_boundary_place
 from rwkv_infctx.training.build import build_model
 from rwkv_infctx.training.callbacks import StepMetrics
@@ -197,17 +198,17 @@ class RWKVModule(pl.LightningModule):
 
         Lightning's model summary runs it on `example_input_array`, so its Total FLOPs is the forward
         FLOPs of one segment: the matmuls it measures plus the WKV work declared here
-        (`training.wkv_flops`), i.e. `ctx_len × rwkv4_flops.forward_flops_per_token`. While a FLOP
+        (`training.wkv_flops`), i.e. `ctx_len ×` the family's `forward_flops_per_token`. While a FLOP
         counter runs, the WKV goes through the reference op (`wkv_flops.counting_backend`).
         """
-        cfg = self.model.cfg
+        wkv_flops = family_of(self.model).wkv_flops_per_token(self.model.cfg)
 
         def predict(net, _):
             with counting_backend(self.model, tokens_BT.device):
                 h_BTC, _ = net.hidden(tokens_BT)
             rows = h_BTC.flatten(0, 1).split(self.hparams.loss_chunk)
             ids = torch.cat([net.head(rows_tC).argmax(-1) for rows_tC in rows])
-            declare_wkv_work(h_BTC, cfg.n_layer, tokens_BT.numel(), cfg.dim_att)
+            declare_wkv_work(h_BTC, round(wkv_flops * tokens_BT.numel()))
             return ids.view(tokens_BT.shape)
 
         # always as one hooked call of the network (as under ZeRO-3, where it also gathers the

@@ -1,8 +1,9 @@
 """Model FLOPs utilisation: the share of the accelerator's peak that the training step uses.
 
 MFU = F · tokens/s / peak, with F the training FLOPs per token = 3 × the analytic forward FLOPs per
-token (`model/rwkv4_flops.py`: every matmul, 2 FLOPs per weight, the head included and the embedding
-lookup not, plus the WKV recurrence's elementwise work). The backward counts twice the forward
+token of the model's family (`ModelFamily.forward_flops_per_token`; RWKV-4 in `model/rwkv4_flops.py`,
+RWKV-7 in `model/rwkv7/family.py`: every matmul, 2 FLOPs per weight, the head included and the
+embedding lookup not, plus the WKV recurrence's work). The backward counts twice the forward
 (exact for the matmuls: one product for the input's gradient, one for the weight's). Segmented
 BPTT's extra state-only pass and recomputation are not counted, so MFU measures useful work.
 """
@@ -50,10 +51,10 @@ def peak_tflops_for_name(device_name: str) -> float | None:
 
 
 def train_flops_per_token(model: nn.Module) -> float:
-    """FLOPs of one training token (forward + backward): 3 × `forward_flops_per_token(model.cfg)`."""
-    from rwkv_infctx.model.rwkv4_flops import forward_flops_per_token
+    """FLOPs of one training token (forward + backward): 3 × the family's forward FLOPs per token."""
+    from rwkv_infctx.model.registry import family_of
 
-    return 3.0 * forward_flops_per_token(model.cfg)
+    return 3.0 * family_of(model).forward_flops_per_token(model.cfg)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float) -> float:

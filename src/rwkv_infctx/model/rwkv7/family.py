@@ -55,15 +55,29 @@ def optim_rule(name: str, p: nn.Parameter, layerwise_lr: bool) -> tuple[float, b
     return 1.0, p.squeeze().dim() >= 2 and name.endswith(".weight")
 
 
-def forward_flops_per_token(cfg: RWKV7Config) -> float:
-    """2 FLOPs per multiply-add of every matmul (embedding lookup excluded; layer 0 skips the value
-    LoRA) plus the WKV-7 state update, 9·N² per head: decay N², S·a 2N², its outer product 2N², v·kᵀ
-    2N², S·r 2N². Elementwise work (lerps, norms, activations) is not counted."""
-    C, F, V, L, N = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size, cfg.n_layer, cfg.head_size
+WKV_FLOPS_PER_HEAD_CHANNEL = 9
+"""WKV-7 FLOPs per token, per head and per N² (9·N² per head): decay S·diag(d) N², S·a 2N², adding
+its outer product with b 2N², adding v·kᵀ 2N², y = S·r 2N²."""
+
+
+def matmul_flops_per_token(cfg: RWKV7Config) -> float:
+    """2 FLOPs per weight of every matrix product: the four projections, the channel-mix, the LoRAs
+    (layer 0 skips the value-residual LoRA) and the head; the embedding lookup is not one."""
+    C, F, V, L = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size, cfg.n_layer
     lora = 2 * C * (cfg.d_decay_lora + cfg.d_aaa_lora + cfg.d_gate_lora)
-    per_layer = 2 * (4 * C * C + 2 * C * F) + 2 * lora + 9 * N * C
-    value_lora = 2 * 2 * C * cfg.d_mv_lora * (L - 1)
-    return float(L * per_layer + value_lora + 2 * C * V)
+    weights = L * (4 * C * C + 2 * C * F + lora) + (L - 1) * 2 * C * cfg.d_mv_lora + C * V
+    return 2.0 * weights
+
+
+def wkv_flops_per_token(cfg: RWKV7Config) -> float:
+    """The WKV-7 state update and readout over all layers: 9·N² per head."""
+    return float(WKV_FLOPS_PER_HEAD_CHANNEL * cfg.head_size * cfg.n_embd * cfg.n_layer)
+
+
+def forward_flops_per_token(cfg: RWKV7Config) -> float:
+    """Matmuls plus the WKV-7 recurrence. Elementwise work elsewhere (lerps, norms, activations,
+    the removal-key normalisation, the bonus) is O(C) per layer and not counted, as for RWKV-4."""
+    return matmul_flops_per_token(cfg) + wkv_flops_per_token(cfg)
 
 
 FAMILY = ModelFamily(
@@ -78,5 +92,6 @@ FAMILY = ModelFamily(
     init_weights=init_weights,
     optim_rule=optim_rule,
     forward_flops_per_token=forward_flops_per_token,
+    wkv_flops_per_token=wkv_flops_per_token,
     optional_keys=("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"),
 )

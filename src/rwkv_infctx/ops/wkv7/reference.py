@@ -14,7 +14,8 @@ removal key, a the in-context learning rate), so that the state first forgets (d
 the old value stored at κ̂ (a, b), then writes v at k.
 
 This is a per-token loop differentiated by autograd: slow, and its graph grows with T, so it is
-for tests and debugging only (`wkv_backend: reference`). It runs in any dtype: float64 inputs are
+for tests and debugging only (`wkv_backend: reference`). It uses elementwise ops only (no matmul), so
+a FLOP counter sees none of its work (`training/wkv_flops.py`). It runs in any dtype: float64 inputs are
 computed in float64, everything else in float32 (the state is float32 in every model dtype).
 """
 
@@ -44,12 +45,12 @@ def wkv7_reference(
     S = state.to(dt)
     ys = []
     for t in range(r.shape[1]):
-        removed = torch.einsum("bhij,bhj->bhi", S, a[:, t])  # S a: what the state holds at κ̂
+        removed = (S * a[:, t, :, None, :]).sum(-1)  # S a: what the state holds at κ̂
         S = (
             S * decay[:, t, :, None, :]
             + removed[..., :, None] * b[:, t, :, None, :]
             + v[:, t, :, :, None] * k[:, t, :, None, :]
         )
-        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+        ys.append((S * r[:, t, :, None, :]).sum(-1))
     y = torch.stack(ys, dim=1) if ys else r.new_zeros(r.shape)
     return y.to(out_dtype), S
