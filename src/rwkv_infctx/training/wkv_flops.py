@@ -9,8 +9,9 @@ that does nothing and whose registered flop formula is the analytic WKV work it 
 FLOPs of the input: matmuls measured, WKV declared (tests/training/test_flops.py).
 
 The WKV op must then be one whose work the counter does not see: the references of WKV-4 and WKV-7
-(elementwise ops only) and the Triton op are; the chunked CPU ops are not (it computes the recurrence through per-chunk GEMMs, an
-implementation's extra work the counter would add as matmuls). `counting_backend` runs the WKV
+(elementwise ops only) and the Triton op are; the chunked CPU ops are not (they compute the
+recurrence through per-chunk GEMMs, an implementation's extra work the counter would add as
+matmuls). `counting_backend` runs the WKV
 through the reference op instead while a FLOP counter is active (same results).
 """
 
