@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rwkv_infctx.ops.wkv4 import BACKENDS as WKV4_BACKENDS
+
 
 @dataclass(frozen=True)
 class RWKV4Config:
@@ -38,3 +40,7 @@ class RWKV4Config:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r}: expected a value in [0, 1)")
+        if self.wkv_backend not in WKV4_BACKENDS:
+            raise ValueError(
+                f"wkv_backend={self.wkv_backend!r}: expected one of {', '.join(WKV4_BACKENDS)} for RWKV-4"
+            )

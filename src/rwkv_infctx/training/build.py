@@ -58,7 +58,10 @@ def build_model(
         except ValueError as e:
             raise UserError(f"model: {e}") from None
         return family.init_weights(family.model_cls(cfg), seed)
-    model = model_from_state_dict(read_state_dict(load_model), load_model, arch, **options)
+    try:
+        model = model_from_state_dict(read_state_dict(load_model), load_model, arch, **options)
+    except ValueError as e:  # an option the family's config refuses (e.g. its WKV backends)
+        raise UserError(f"model: {e}") from None
     family = family_of(model)
     _refuse_foreign_dims(dims, family.dim_names, family.title)
     wrong = [

@@ -260,6 +260,7 @@ RULES: tuple[Rule, ...] = (
     integer("trainer.reload_dataloaders_every_n_epochs", 0),
     boolean("trainer.enable_autolog_hparams"),
     # model: the network, segmentation and optimizer
+    choice("model.arch", "auto", "rwkv4", "rwkv7"),
     integer("model.ctx_len", 1),
     integer("model.ctx_len_cutoff", 1, null=True),
     integer("model.n_layer", 1, null=True),
@@ -267,6 +268,11 @@ RULES: tuple[Rule, ...] = (
     Rule("model.vocab_size", _vocab_size, "an integer ≥ 1, neox, world or null"),
     integer("model.dim_att", 1, null=True),
     integer("model.dim_ffn", 1, null=True),
+    integer("model.head_size", 1, null=True),
+    integer("model.d_decay_lora", 1, null=True),
+    integer("model.d_aaa_lora", 1, null=True),
+    integer("model.d_mv_lora", 1, null=True),
+    integer("model.d_gate_lora", 1, null=True),
     number("model.lr_init", 0.0, low_open=False),
     number("model.lr_final", 0.0, low_open=False),
     Rule(
@@ -290,6 +296,7 @@ RULES: tuple[Rule, ...] = (
     number("model.weight_decay", 0.0, low_open=False),
     boolean("model.layerwise_lr"),
     choice("model.bptt", "full", "truncated"),
+    choice("model.boundary_states", "device", "cpu"),
     boolean("model.grad_cp"),
     choice("model.grad_accum_dtype", "float32", "param"),
     integer("model.loss_chunk", 1),
@@ -300,6 +307,7 @@ RULES: tuple[Rule, ...] = (
     choice("model.export_dtype", "bf16", "fp32"),
     number("model.peak_tflops", 0.0, low_open=True, null=True),
     choice("model.nan_policy", "stop", "skip"),
+    choice("model.loss_normalization", "step_tokens", "micro_batch_tokens"),
     # data: what to learn
     integer("data.min_token_size", 1, null=True),
     integer("data.max_token_size", 1, null=True),
@@ -312,6 +320,8 @@ RULES: tuple[Rule, ...] = (
     integer("data.batch_size", 1),
     integer("data.num_workers", 0),
     boolean("data.shuffle"),
+    boolean("data.chat_collapse_newlines"),
+    choice("data.chat_bad_rows", "stop", "drop"),
     boolean("weights_only", null=True),
 )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rwkv_infctx.ops.wkv7 import BACKENDS as WKV7_BACKENDS
+
 HEAD_SIZE = 64
 """N: the head size of every released RWKV-7 model (RWKV-LM: "don't change")."""
 
@@ -72,6 +74,10 @@ class RWKV7Config:
             _check_positive(name, getattr(self, name))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r}: expected a value in [0, 1)")
+        if self.wkv_backend not in WKV7_BACKENDS:
+            raise ValueError(
+                f"wkv_backend={self.wkv_backend!r}: expected one of {', '.join(WKV7_BACKENDS)} for RWKV-7"
+            )
 
     @property
     def n_head(self) -> int:
