@@ -28,7 +28,7 @@ def test_demo_trained_model_beats_its_init_in_every_bucket(tmp_path, capsys):
         "init",
         str(tmp_path / "init.pth"),
         "--arch",
-        "rwkv4",
+        config["model"]["arch"],  # the demo's family (RWKV-7)
         "--n_layer",
         "2",
         "--n_embd",

@@ -71,9 +71,10 @@ def test_every_config_parses(config, capsys):
     assert printed["model"]["ctx_len"] > 0
 
 
-def test_bundled_demo_is_the_repository_demo():
-    assert bundled_config("demo.yaml").read_text() == (REPO / "configs" / "demo.yaml").read_text()
-    assert main(["fit", "-c", "pkg://demo.yaml", "--print_config"]) == 0
+@pytest.mark.parametrize("name", ["demo.yaml", "rwkv4-demo.yaml"])
+def test_bundled_demo_is_the_repository_demo(name):
+    assert bundled_config(name).read_text() == (REPO / "configs" / name).read_text()
+    assert main(["fit", "-c", f"pkg://{name}", "--print_config"]) == 0
 
 
 @pytest.mark.slow
