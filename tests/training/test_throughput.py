@@ -30,3 +30,11 @@ def test_summary_line():
     line = metrics.summary(torch.device("cpu"))
     assert line.startswith("training summary: 5,000 tokens in 2.0 s, 2,500 tokens/s, MFU 1.5%")
     assert "MiB (peak RSS of this process, VmHWM)" in line and "last loss 3.2500" in line
+
+
+def test_summary_line_reports_the_boundary_states_and_where_they_are():
+    metrics = StepMetrics()
+    metrics._tokens, metrics._seconds = 100, 1.0
+    assert "boundary states" not in metrics.summary(torch.device("cpu"))  # none saved: not shown
+    metrics._boundary_bytes, metrics._boundary_place = 3 * 2**20, "cpu"
+    assert "boundary states up to 3.00 MiB per step (host memory)" in metrics.summary(torch.device("cpu"))

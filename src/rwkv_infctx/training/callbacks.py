@@ -34,9 +34,12 @@ class StepMetrics(pl.Callback):
         self._tokens = 0
         self._seconds = 0.0
         self._last_loss: float | None = None
+        self._boundary_bytes = 0
+        self._boundary_place = "device"
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._flops_per_token = train_flops_per_token(pl_module.model)
+        self._boundary_place = pl_module.hparams.get("boundary_states", "device")
         if self.peak_tflops is None:
             self.peak_tflops = device_peak_tflops(pl_module.device)
 
@@ -57,6 +60,7 @@ class StepMetrics(pl.Callback):
         self._tokens += tokens
         self._seconds += elapsed
         self._last_loss = report.loss
+        self._boundary_bytes = max(self._boundary_bytes, report.boundary_bytes)
         rate = tokens / max(elapsed, 1e-9)
         log = pl_module.log
         log("loss", report.loss, prog_bar=True, batch_size=max(int(report.n_tokens), 1))
@@ -69,13 +73,17 @@ class StepMetrics(pl.Callback):
 
     def summary(self, device: torch.device) -> str:
         """One line: tokens, time, tokens/s, MFU (where known), peak memory and what measured it
-        (`training.peak_memory`), last loss."""
+        (`training.peak_memory`), the largest step's saved boundary states (model.boundary_states),
+        last loss."""
         rate = self._tokens / max(self._seconds, 1e-9)
         parts = [f"{self._tokens:,} tokens in {self._seconds:.1f} s", f"{rate:,.0f} tokens/s"]
         if self.peak_tflops:
             parts.append(f"MFU {100 * mfu(rate, self._flops_per_token, self.peak_tflops):.1f}%")
         peak, source = peak_memory_mb(device)
         parts.append(f"peak memory {peak:,.0f} MiB ({SOURCES[source]})")
+        if self._boundary_bytes:
+            where = "host memory" if self._boundary_place == "cpu" else "on the device"
+            parts.append(f"boundary states up to {self._boundary_bytes / 2**20:,.2f} MiB per step ({where})")
         if self._last_loss is not None:
             parts.append(f"last loss {self._last_loss:.4f}")
         return "training summary: " + ", ".join(parts) + " (this rank)"
