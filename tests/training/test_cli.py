@@ -167,3 +167,11 @@ def test_export_refuses_folders_and_overwrites(tmp_path, capsys):
     (tmp_path / "c.ckpt").write_bytes(b"")
     assert main(["export", str(tmp_path / "c.ckpt"), str(tmp_path / "x.pth")]) == 2
     assert "already exists" in last_error_line(capsys)
+
+
+def test_preload_takes_a_bundled_config(tmp_path, capsys):
+    text = tmp_path / "tiny.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200, encoding="utf-8")
+    args = ["preload", "-c", "pkg://demo.yaml", f"--data.source={text}", f"--data.data_path={tmp_path / 'd'}"]
+    assert main(args) == 0
+    assert "train:" in capsys.readouterr().out and (tmp_path / "d").is_dir()

@@ -20,12 +20,22 @@ TAKES_OVERRIDES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", required=True, help="YAML file with a data: section (as for fit)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        required=True,
+        help="YAML file with a data: section (as for fit), or pkg://NAME.yaml",
+    )
     parser.epilog = "Then --data.KEY VALUE overrides, as for fit (e.g. --data.rechunk_size 300)."
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_yaml(args.config, getattr(args, "overrides", []))
+    path = args.config
+    if path.startswith("pkg://"):  # a bundled config, as fit accepts
+        from rwkv_infctx.training.cli import bundled_config
+
+        path = str(bundled_config(path.removeprefix("pkg://")))
+    config = config_from_yaml(path, getattr(args, "overrides", []))
     if config.source is None:
         raise UserError(f"config {args.config}: data.source is empty (nothing to preload)")
     done = prepare(config)
