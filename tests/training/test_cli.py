@@ -172,6 +172,7 @@ def test_export_refuses_folders_and_overwrites(tmp_path, capsys):
 def test_preload_takes_a_bundled_config(tmp_path, capsys):
     text = tmp_path / "tiny.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 200, encoding="utf-8")
-    args = ["preload", "-c", "pkg://demo.yaml", f"--data.source={text}", f"--data.data_path={tmp_path / 'd'}"]
+    args = ["preload", "-c", "pkg://demo.yaml", f"--data.source={text}", "--data.rechunk_size=200"]
+    args.append(f"--data.data_path={tmp_path / 'd'}")
     assert main(args) == 0
     assert "train:" in capsys.readouterr().out and (tmp_path / "d").is_dir()
