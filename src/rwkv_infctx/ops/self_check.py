@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from rwkv_infctx.errors import UserError
 
@@ -86,7 +87,9 @@ def use_fast_kernel(key: CheckKey, mode: str, check: Callable[[], str | None]) -
         return True
     if key not in _verdicts:
         try:
-            problem = check()
+            # outside any FLOP counter or other dispatch mode, and with autograd on even in inference mode
+            with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad():
+                problem = check()
         except Exception as e:  # does not import, compile or run: the same as disagreeing
             first_line = (str(e).strip().splitlines() or [""])[0][:200]
             problem = f"failed to run ({type(e).__name__}: {first_line})"
