@@ -153,7 +153,8 @@ def test_a_passing_kernel_is_used_and_checked_once_per_key(monkeypatch):
             _run7()
         _run7(inputs=_wkv7_inputs(dtype=torch.bfloat16))  # a new key: one more check
         _run7(inputs=_wkv7_inputs(N=8))  # another head size: one more
-    assert [(k.dtype, k.size) for k in checked] == [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 8)]
+    keys = [(k.dtype, k.size) for k in checked]
+    assert keys == [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 8)]
     # each check ran the kernel once; then every call did
     assert ran.count(torch.bfloat16) == 2 and ran.count(torch.float32) == 3 + 1 + 2
 
@@ -190,7 +191,7 @@ def test_failing_triton_wkv4_falls_back_with_one_warning(monkeypatch):
     y, st = wkv4_chunked(td, tf, k, v, WKV4State(aa, bb, pp))
     want = (y, torch.stack(list(st)), torch.autograd.grad((y * y).sum() + sum(s.sum() for s in st), inputs))
     _assert_bitwise(got, want)
-    with pytest.raises(UserError, match="^model.wkv_self_check: error: WKV-4 backend 'triton'"):
+    with pytest.raises(UserError, match=r"^model\.wkv_self_check: error: WKV-4 backend 'triton'"):
         _run4(inputs, mode="error")  # the cached failure, now strict
 
 
@@ -210,9 +211,9 @@ def test_configs_refuse_unknown_modes_and_foreign_backends():
         RWKV7Config(n_layer=1, n_embd=64, vocab_size=10, wkv_self_check="maybe")
     with pytest.raises(ValueError, match="wkv_self_check='maybe'"):
         RWKV4Config(n_layer=1, n_embd=64, vocab_size=10, wkv_self_check="maybe")
-    with pytest.raises(ValueError, match="wkv_backend='fla': expected one of .* for RWKV-4"):
+    with pytest.raises(ValueError, match=r"wkv_backend='fla': expected one of .* for RWKV-4"):
         RWKV4Config(n_layer=1, n_embd=64, vocab_size=10, wkv_backend="fla")
-    with pytest.raises(ValueError, match="wkv_backend='triton': expected one of .* for RWKV-7"):
+    with pytest.raises(ValueError, match=r"wkv_backend='triton': expected one of .* for RWKV-7"):
         RWKV7Config(n_layer=1, n_embd=64, vocab_size=10, wkv_backend="triton")
 
 
@@ -230,7 +231,7 @@ def test_the_setting_reaches_the_op_through_the_model(monkeypatch):
     assert len(record) == 1 and torch.equal(got, want)
     self_check.reset()
     strict = RWKVModule(**dims, wkv_backend="fla", wkv_self_check="error")
-    with pytest.raises(UserError, match="^model.wkv_self_check: error: WKV-7 backend 'fla'"):
+    with pytest.raises(UserError, match=r"^model\.wkv_self_check: error: WKV-7 backend 'fla'"):
         strict.model(tokens, None)
 
 
