@@ -247,3 +247,21 @@ def test_the_check_runs_outside_flop_counters_and_inference_mode(monkeypatch):
     with FlopCounterMode(display=False) as second, torch.inference_mode():
         wkv7(*inputs, backend="fla")
     assert first.get_total_flops() == second.get_total_flops() > 0
+
+
+def test_under_torch_compile(monkeypatch):
+    """First use inside torch.compile: the check runs at trace time (size COMPILE_SIZE), once; a
+    failing kernel falls back with one warning and the compiled result is the chunked op's."""
+    monkeypatch.setattr(fla_kernel, "wkv7_fla", _raising)
+    inputs = [x.detach() for x in _wkv7_inputs()]
+
+    def f(*xs):
+        return wkv7(*xs, backend="fla")[0]
+
+    torch._dynamo.reset()
+    with pytest.warns(self_check.SelfCheckWarning) as record:
+        got = torch.compile(f, backend="aot_eager")(*inputs)
+        torch.compile(f, backend="aot_eager")(*inputs)
+    assert len(record) == 1 and f"size {self_check.COMPILE_SIZE})" in str(record[0].message)
+    assert torch.equal(got, wkv7_chunked(*inputs)[0])
+    torch._dynamo.reset()

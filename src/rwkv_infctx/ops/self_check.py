@@ -78,7 +78,48 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"wkv_self_check={mode!r}: expected one of {', '.join(MODES)}")
 
 
-@torch.compiler.disable  # runs eagerly, once per key; under torch.compile a graph break here
+COMPILE_SIZE = 64
+"""The size checked when the first use of a kernel is inside torch.compile (see `fast_kernel_allowed`)."""
+
+
+def fast_kernel_allowed(
+    family: str, backend: str, x: Tensor, mode: str, check: Callable[[CheckKey], str | None]
+) -> bool:
+    """Whether the dispatcher may run `backend`'s kernel on inputs like `x` (its last dim the size),
+    checking it first if this is its first use for that key (`use_fast_kernel`).
+
+    Under torch.compile the size is symbolic when the graph is traced, so there the verdict is one
+    already given for this kernel, dtype and device (a failed one first), or, if none was, the check
+    runs at trace time at size COMPILE_SIZE; either way no graph break."""
+    if torch.compiler.is_compiling():
+        return _allowed_while_compiling(family, backend, x.dtype, x.device, mode, check)
+    key = CheckKey(family, backend, x.dtype, str(x.device), int(x.shape[-1]))
+    return use_fast_kernel(key, mode, lambda: check(key))
+
+
+@torch.compiler.assume_constant_result  # evaluated once per trace, a constant in the graph
+def _allowed_while_compiling(
+    family: str,
+    backend: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    mode: str,
+    check: Callable[[CheckKey], str | None],
+) -> bool:
+    check_mode(mode)
+    if mode == "off":
+        return True
+    same = [
+        k
+        for k in _verdicts
+        if (k.family, k.backend, k.dtype, k.device) == (family, backend, dtype, str(device))
+    ]
+    failed = [k for k in same if _verdicts[k] is not None]
+    key = (failed or same or [CheckKey(family, backend, dtype, str(device), COMPILE_SIZE)])[0]
+    return use_fast_kernel(key, mode, lambda: check(key))
+
+
+@torch.compiler.disable  # runs eagerly, once per key
 def use_fast_kernel(key: CheckKey, mode: str, check: Callable[[], str | None]) -> bool:
     """Whether the dispatcher may run the fast kernel of `key`. `check()` runs it against the chunked
     op and returns None when they agree, else the disagreement; it runs once per key (cached)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rwkv_infctx.ops.self_check import CheckKey, use_fast_kernel
+from rwkv_infctx.ops.self_check import fast_kernel_allowed
 from rwkv_infctx.ops.wkv4.reference import FRESH_MAX, WKV4State, fresh_wkv4_state, wkv4_reference
 
 BACKENDS = ("auto", "reference", "triton", "chunked")
@@ -43,8 +43,7 @@ def wkv4(
     ):
         from rwkv_infctx.ops.wkv4 import triton_kernel
 
-        key = CheckKey("WKV-4", "triton", k.dtype, str(k.device), k.shape[-1])
-        if use_fast_kernel(key, self_check, lambda: triton_kernel.self_check(key)):
+        if fast_kernel_allowed("WKV-4", "triton", k, self_check, triton_kernel.self_check):
             return triton_kernel.wkv4_triton(time_decay, time_first, k, v, state)
         backend = "chunked"  # it failed its check: the chunked op instead
     if backend == "chunked" or (backend == "auto" and not k.is_cuda):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rwkv_infctx.ops.self_check import CheckKey, use_fast_kernel
+from rwkv_infctx.ops.self_check import fast_kernel_allowed
 from rwkv_infctx.ops.wkv7.reference import wkv7_reference
 
 BACKENDS = ("auto", "reference", "chunked", "fla")
@@ -45,8 +45,7 @@ def wkv7(
     if backend == "fla" or (backend == "auto" and r.is_cuda and _fla_importable()):
         from rwkv_infctx.ops.wkv7 import fla_kernel as fla
 
-        key = CheckKey("WKV-7", "fla", r.dtype, str(r.device), r.shape[-1])
-        if use_fast_kernel(key, self_check, lambda: fla.self_check(key)):
+        if fast_kernel_allowed("WKV-7", "fla", r, self_check, fla.self_check):
             return fla.wkv7_fla(r, w, k, v, a, b, state)
     from rwkv_infctx.ops.wkv7.chunked import wkv7_chunked
 
