@@ -142,12 +142,12 @@ def patched_wkv(fn: Callable) -> Iterator[list[int]]:
             m.wkv4 = wkv4_ops.wkv4
 
 
-def stub_wkv(time_decay, time_first, k: Tensor, v: Tensor, state, backend="auto"):
+def stub_wkv(time_decay, time_first, k: Tensor, v: Tensor, state, backend="auto", self_check="warn"):
     """A free elementwise stand-in for WKV: y = k * v, the state passed through unchanged."""
     return k * v, state
 
 
-def per_channel_wkv(time_decay, time_first, k: Tensor, v: Tensor, state, backend="auto"):
+def per_channel_wkv(time_decay, time_first, k: Tensor, v: Tensor, state, backend="auto", self_check="warn"):
     """The Triton kernel with one chunk of L = T: one thread per channel walks the whole sequence
     (the structure of RWKV-LM's CUDA kernel; block 32 as in part (b)'s per-channel baseline)."""
     from rwkv_infctx.ops.wkv4.triton_kernel import wkv4_triton

@@ -2,6 +2,7 @@
 # Install rwkv-infctx into the active Python environment.
 #   scripts/install.sh          the package
 #   scripts/install.sh test     the package plus the test tools and the oracles (transformers, rwkv)
+#   scripts/install.sh gpu      the package plus fla-core (RWKV-7 on the GPU; leaves torch alone)
 # On a machine without an NVIDIA GPU, torch is pinned to 2.13.0 first so that pip does not pull a
 # multi-GB CUDA build. Where PyPI only offers CUDA builds, point pip at PyTorch's CPU index with
 # PIP_EXTRA_INDEX_URL before running this.

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # before lightning imports triton (below): see tests/ops/fla_interpreter.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from rwkv_infctx.model import RWKV4, RWKV7, RWKV4Config, RWKV7Config
 from rwkv_infctx.model.rwkv7.init import init_weights as init_rwkv7

@@ -96,6 +96,7 @@ BAD: dict[str, str] = {
     "model.dropout": "1.0",
     "model.seed": "-1",
     "model.wkv_backend": "cuda",
+    "model.wkv_self_check": "maybe",
     "model.export_dtype": "fp16",
     "model.peak_tflops": "0.0",
     "model.nan_policy": "ignore",

@@ -40,7 +40,7 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(C, A, bias=False)
         self.receptance = nn.Linear(C, A, bias=False)
         self.output = nn.Linear(A, C, bias=False)
-        self.wkv_backend = cfg.wkv_backend
+        self.wkv_backend, self.wkv_self_check = cfg.wkv_backend, cfg.wkv_self_check
 
     def forward(
         self, x_BTC: Tensor, shift_BC: Tensor, wkv_state: WKV4State
@@ -49,7 +49,9 @@ class TimeMix(nn.Module):
         k_BTA = self.key(mix(x_BTC, xx, self.time_mix_k))
         v_BTA = self.value(mix(x_BTC, xx, self.time_mix_v))
         r_BTA = torch.sigmoid(self.receptance(mix(x_BTC, xx, self.time_mix_r)))
-        y_BTA, wkv_state = wkv4(self.time_decay, self.time_first, k_BTA, v_BTA, wkv_state, self.wkv_backend)
+        y_BTA, wkv_state = wkv4(
+            self.time_decay, self.time_first, k_BTA, v_BTA, wkv_state, self.wkv_backend, self.wkv_self_check
+        )
         return self.output(r_BTA * y_BTA), x_BTC[:, -1].clone(), wkv_state
 
 

@@ -26,6 +26,7 @@ def build_model(
     seed: int = 0,
     wkv_backend: str = "auto",
     arch: str = "auto",
+    wkv_self_check: str = "warn",
 ) -> nn.Module:
     """The model of family `arch` from `load_model` (dims given in `dims` must agree with the file;
     arch "auto" detects the family) or, without a file, from `dims` with the family's initialisation.
@@ -37,7 +38,7 @@ def build_model(
     for name, value in dims.items():
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise UserError(f"model.{name}: {value!r} (expected a positive integer)")
-    options = {"dropout": dropout, "wkv_backend": wkv_backend}
+    options = {"dropout": dropout, "wkv_backend": wkv_backend, "wkv_self_check": wkv_self_check}
     if load_model is None:
         if arch == "auto":
             raise UserError(

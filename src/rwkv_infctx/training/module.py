@@ -92,7 +92,10 @@ class RWKVModule(pl.LightningModule):
             results, compile time on the first steps.
         dropout: Dropout after each time-mix and channel-mix (0 disables it).
         seed: Seed of the initialisation of a new model.
-        wkv_backend: WKV kernel: auto (fastest for the device) or reference.
+        wkv_backend: WKV kernel: auto (fla for RWKV-7 and Triton for RWKV-4 on CUDA, the chunked ops
+            elsewhere), chunked, fla (RWKV-7, GPU), triton (RWKV-4, GPU) or reference (debugging).
+        wkv_self_check: A fast kernel (fla, Triton) checks itself at first use against the chunked op;
+            on failure: warn (one warning, then the chunked op), error (stop) or off (no check).
         export: Path of the RWKV-LM .pth written at the end of fit (null: none).
         export_dtype: dtype of that file: bf16 or fp32.
         peak_tflops: Accelerator peak TFLOP/s for the logged MFU (3 × forward FLOPs per token ×
@@ -140,6 +143,7 @@ class RWKVModule(pl.LightningModule):
         dropout: float = 0.0,
         seed: int = 0,
         wkv_backend: str = "auto",
+        wkv_self_check: Literal["warn", "error", "off"] = "warn",
         export: str | None = None,
         export_dtype: Literal["bf16", "fp32"] = "bf16",
         peak_tflops: float | None = None,
@@ -183,7 +187,13 @@ class RWKVModule(pl.LightningModule):
             "d_gate_lora": d_gate_lora,
         }
         self.model = build_model(
-            load_model, dims, dropout=dropout, seed=seed, wkv_backend=wkv_backend, arch=arch
+            load_model,
+            dims,
+            dropout=dropout,
+            seed=seed,
+            wkv_backend=wkv_backend,
+            arch=arch,
+            wkv_self_check=wkv_self_check,
         )
         self.last_report: StepReport | None = None
         self._zero3 = False

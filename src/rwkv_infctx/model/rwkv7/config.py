@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rwkv_infctx.ops.self_check import MODES as SELF_CHECK_MODES
 from rwkv_infctx.ops.wkv7 import BACKENDS as WKV7_BACKENDS
 
 HEAD_SIZE = 64
@@ -44,8 +45,11 @@ class RWKV7Config:
         rate, value-residual and gate LoRAs (default: the released model of that width, else
         RWKV-LM train_temp's formula).
     dropout: dropout after each time-mix and channel-mix (0 disables it).
-    wkv_backend: "auto" picks the fastest WKV-7 op for the device; "reference" forces the per-token
-        PyTorch definition, for debugging.
+    wkv_backend: "auto" picks the fastest WKV-7 op for the device (fla's kernel on CUDA when fla
+        imports, the chunked op elsewhere); "fla", "chunked" force one; "reference" forces the
+        per-token PyTorch definition, for debugging.
+    wkv_self_check: what fla's first-use check against the chunked op does when it fails: "warn"
+        (one warning, then the chunked op), "error" (stop) or "off" (no check).
     """
 
     n_layer: int
@@ -59,6 +63,7 @@ class RWKV7Config:
     d_gate_lora: int | None = None
     dropout: float = 0.0
     wkv_backend: str = "auto"
+    wkv_self_check: str = "warn"
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_embd", "vocab_size", "head_size"):
@@ -77,6 +82,10 @@ class RWKV7Config:
         if self.wkv_backend not in WKV7_BACKENDS:
             raise ValueError(
                 f"wkv_backend={self.wkv_backend!r}: expected one of {', '.join(WKV7_BACKENDS)} for RWKV-7"
+            )
+        if self.wkv_self_check not in SELF_CHECK_MODES:
+            raise ValueError(
+                f"wkv_self_check={self.wkv_self_check!r}: expected one of {', '.join(SELF_CHECK_MODES)}"
             )
 
     @property

@@ -51,6 +51,7 @@ class TimeMix(nn.Module):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.layer_id, self.n_head, self.wkv_backend = layer_id, H, cfg.wkv_backend
+        self.wkv_self_check = cfg.wkv_self_check
         for name in LERPS:
             setattr(self, name, lerp_vector(C))
         self.w0 = lerp_vector(C)
@@ -100,7 +101,7 @@ class TimeMix(nn.Module):
         a_BTHN = a.view(heads)
         y, wkv_BHNN = wkv7(
             r.view(heads), w.view(heads), k.view(heads), v.view(heads), -kk, kk * a_BTHN, wkv_BHNN,
-            self.wkv_backend,
+            self.wkv_backend, self.wkv_self_check,
         )  # fmt: skip
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (r.view(heads) * k.view(heads) * self.r_k).sum(dim=-1, keepdim=True) * v.view(heads)

@@ -7,6 +7,10 @@ Backends: "reference" (plain PyTorch, the definition), "triton" (the chunked Tri
 "auto": CUDA tensors in fp32/bf16/fp16 go to the Triton kernels when triton imports, other CUDA
 tensors to the reference, and everything else (the CPU) to "chunked". Triton is imported lazily,
 never at package import.
+
+The Triton kernels check themselves at first use per (dtype, device, channels) against the chunked
+op (`ops/self_check.py`); `self_check` ("warn", "error" or "off") says what a failure does ("warn":
+one warning, then the chunked op).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rwkv_infctx.ops.self_check import fast_kernel_allowed
 from rwkv_infctx.ops.wkv4.reference import FRESH_MAX, WKV4State, fresh_wkv4_state, wkv4_reference
 
 BACKENDS = ("auto", "reference", "triton", "chunked")
@@ -28,6 +33,7 @@ def wkv4(
     v: Tensor,
     state: WKV4State,
     backend: str = "auto",
+    self_check: str = "warn",
 ) -> tuple[Tensor, WKV4State]:
     """Run WKV-4 over (B, T, C) keys and values from `state`; see `reference.py` for the definition."""
     if backend not in BACKENDS:
@@ -35,9 +41,11 @@ def wkv4(
     if backend == "triton" or (
         backend == "auto" and k.is_cuda and k.dtype in _TRITON_DTYPES and _triton_importable()
     ):
-        from rwkv_infctx.ops.wkv4.triton_kernel import wkv4_triton
+        from rwkv_infctx.ops.wkv4 import triton_kernel
 
-        return wkv4_triton(time_decay, time_first, k, v, state)
+        if fast_kernel_allowed("WKV-4", "triton", k, self_check, triton_kernel.self_check):
+            return triton_kernel.wkv4_triton(time_decay, time_first, k, v, state)
+        backend = "chunked"  # it failed its check: the chunked op instead
     if backend == "chunked" or (backend == "auto" and not k.is_cuda):
         from rwkv_infctx.ops.wkv4.chunked import wkv4_chunked  # the fast CPU op, same results
 

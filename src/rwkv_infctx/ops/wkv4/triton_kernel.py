@@ -23,6 +23,7 @@ import os
 import torch
 from torch import Tensor
 
+from rwkv_infctx.ops.self_check import TOLERANCE, CheckKey, compare, generator
 from rwkv_infctx.ops.wkv4.reference import WKV4Reference, WKV4State
 
 _kernels_module = None
@@ -281,3 +282,39 @@ def wkv4_triton(
     L = min(int(chunk) if chunk else default_chunk(T), T)
     y, aaT, bbT, ppT, _, _ = wkv4_fwd(time_decay, time_first, k, v, aa, bb, pp, L, int(block or 0))
     return y, WKV4State(aaT, bbT, ppT)
+
+
+def check_problem(dtype: torch.dtype, device: torch.device | str, C: int) -> list[Tensor]:
+    """A small random WKV-4 problem: B=2, T=37, k, v ~ N(0, 1) in `dtype`, time_decay ~ U(-5, 3),
+    time_first ~ U(-2, 1), and a carried state as a previous segment leaves it (all float32)."""
+    gen = generator()
+    B, T = 2, 37
+    time_decay = torch.rand(C, generator=gen) * 8 - 5
+    time_first = torch.rand(C, generator=gen) * 3 - 2
+    k, v = torch.randn(B, T, C, generator=gen), torch.randn(B, T, C, generator=gen)
+    pp = torch.randn(B, C, generator=gen) + 1.0
+    bb = torch.rand(B, C, generator=gen) * 3 + 0.5
+    aa = torch.randn(B, C, generator=gen) * bb
+    xs = [time_decay, time_first, k.to(dtype), v.to(dtype), aa, bb, pp]
+    return [x.to(device) for x in xs]
+
+
+def self_check(key: CheckKey) -> str | None:
+    """The Triton kernels against the chunked op on `check_problem` (see `ops/self_check.py`)."""
+    from rwkv_infctx.ops.wkv4.chunked import wkv4_chunked
+
+    def flat(op):
+        def run(time_decay, time_first, k, v, aa, bb, pp):
+            y, state = op(time_decay, time_first, k, v, WKV4State(aa, bb, pp))
+            return (y, *state)
+
+        return run
+
+    return compare(
+        flat(wkv4_triton),
+        flat(wkv4_chunked),
+        check_problem(key.dtype, key.device, key.size),
+        ("time_decay", "time_first", "k", "v", "aa", "bb", "pp"),
+        ("y", "aa_T", "bb_T", "pp_T"),
+        TOLERANCE.get(key.dtype, TOLERANCE[torch.float32]),
+    )
