@@ -134,7 +134,7 @@ def _exactness(args) -> None:
 
 # ---- one measured step in this process (the child of memory/throughput) ----------------------
 def pick_device(name: str) -> torch.device:
-    """ "auto": CUDA when available, else the CPU; otherwise the named device."""
+    """The named device; "auto" is CUDA when available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
