@@ -7,6 +7,11 @@
         --modes full,full_unchunked                # the head's logits in chunks, or whole
     python bench/bptt.py compare --against OLD/src/rwkv_infctx/training/segments.py
                                                    # tokens/s of this bptt_step and another's
+    python bench/bptt.py memory --arch rwkv4,rwkv7 # one table per model family, same dims
+
+`--arch` picks the model family (`model.registry`; default rwkv4; memory and throughput take a
+comma-separated list). bench/families.py prints issue 16's stand-in figures for both families and
+peak memory with the boundary states on the device or on the host, through this script's children.
 
 `memory` and `throughput` run every measurement in a fresh child process. For `memory` the child's
 environment tames glibc's allocator (MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0 MALLOC_TOP_PAD_=0;
@@ -31,9 +36,9 @@ import sys
 import time
 
 import torch
+from torch import nn
 
-from rwkv_infctx.model import RWKV4, RWKV4Config
-from rwkv_infctx.model.init import init_weights
+from rwkv_infctx.model.registry import FAMILIES, family_named
 from rwkv_infctx.training.loss import LOSS_CHUNK, objective, segment_terms, token_count
 from rwkv_infctx.training.segments import bptt_step
 
@@ -41,9 +46,13 @@ WHOLE_SEGMENT = 1 << 62
 TAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 
 
-def make_model(args, dtype=torch.float32, seed: int = 0) -> RWKV4:
-    cfg = RWKV4Config(args.n_layer, args.n_embd, args.vocab_size, wkv_backend=args.wkv_backend)
-    model = init_weights(RWKV4(cfg), seed=seed)
+def make_model(args, dtype=torch.float32, seed: int = 0) -> nn.Module:
+    """A model of family `args.arch` (one name) with `args`' dims, initialised and perturbed."""
+    family = family_named(args.arch, "--arch")
+    cfg = family.config_cls(
+        n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab_size, wkv_backend=args.wkv_backend
+    )
+    model = family.init_weights(family.model_cls(cfg), seed)
     with torch.no_grad():  # init zeroes several matrices; random weights exercise every gradient path
         gen = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():
@@ -61,7 +70,7 @@ def make_batch(lengths: list[int], vocab: int, seed: int = 0) -> dict[str, torch
     return {"input_ids": ids[:, :-1], "target_ids": ids[:, 1:], "loss_mask": mask}
 
 
-def unsegmented_step(model: RWKV4, batch) -> float:
+def unsegmented_step(model: nn.Module, batch) -> float:
     logits, _ = model(batch["input_ids"])
     ce, l2 = segment_terms(logits, batch["target_ids"], batch["loss_mask"])
     loss = objective(ce, l2, token_count(batch["loss_mask"]))
@@ -69,18 +78,26 @@ def unsegmented_step(model: RWKV4, batch) -> float:
     return float(ce.detach()) / float(token_count(batch["loss_mask"]))
 
 
-def train_step(model: RWKV4, batch, mode: str, ctx_len: int, loss_chunk: int = LOSS_CHUNK) -> float:
+def train_step(
+    model: nn.Module,
+    batch,
+    mode: str,
+    ctx_len: int,
+    loss_chunk: int = LOSS_CHUNK,
+    boundary_states: str = "device",
+) -> tuple[float, int]:
+    """One step's loss and boundary-state bytes (StepReport.boundary_bytes; 0 when unsegmented)."""
     if mode == "unsegmented":
-        return unsegmented_step(model, batch)
-    if mode == "full_unchunked":  # the head's logits of a whole segment at once
-        proxy, report = bptt_step(model, batch, ctx_len, loss_chunk=WHOLE_SEGMENT)
-    else:
-        proxy, report = bptt_step(model, batch, ctx_len, bptt=mode, loss_chunk=loss_chunk)
+        return unsegmented_step(model, batch), 0
+    chunk, bptt = (WHOLE_SEGMENT, "full") if mode == "full_unchunked" else (loss_chunk, mode)
+    proxy, report = bptt_step(
+        model, batch, ctx_len, bptt=bptt, loss_chunk=chunk, boundary_states=boundary_states
+    )
     proxy.backward()
-    return report.loss
+    return report.loss, report.boundary_bytes
 
 
-def grads(model: RWKV4) -> torch.Tensor:
+def grads(model: nn.Module) -> torch.Tensor:
     out = torch.cat([p.grad.flatten() for p in model.parameters()])
     model.zero_grad(set_to_none=True)
     return out
@@ -88,8 +105,16 @@ def grads(model: RWKV4) -> torch.Tensor:
 
 # ---- exactness -------------------------------------------------------------------------------
 def cmd_exactness(args) -> None:
+    for one in per_arch(args):
+        _exactness(one)
+
+
+def _exactness(args) -> None:
     T = args.tokens
-    print(f"model L{args.n_layer} C{args.n_embd} V{args.vocab_size}; rows of {T} and {T - T // 3} tokens")
+    print(
+        f"{args.arch}: model L{args.n_layer} C{args.n_embd} V{args.vocab_size}; "
+        f"rows of {T} and {T - T // 3} tokens"
+    )
     print(f"{'dtype':8} {'ctx_len':>8} {'segments':>8}  {'bptt':10} {'max rel. grad error':>20}  goal")
     for dtype, goal in ((torch.float32, 1e-6), (torch.float64, 1e-10)):
         model = make_model(args, dtype)
@@ -108,49 +133,61 @@ def cmd_exactness(args) -> None:
 
 
 # ---- one measured step in this process (the child of memory/throughput) ----------------------
+def pick_device(name: str) -> torch.device:
+    """The named device; "auto" is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def cmd_step(args) -> None:
-    """Run one step per mode in `args.mode` (comma-separated), alternating, `repeat` rounds."""
+    """Run one step per mode in `args.mode` (comma-separated), alternating, `repeat` rounds.
+
+    Prints one JSON line: peak RSS (MB) and the peak before the first step (the process, the
+    model and the batch), best seconds per mode, boundary-state bytes per mode, and
+    on CUDA the peak of torch.cuda.max_memory_allocated over the steps (MB)."""
     torch.set_num_threads(args.threads)
-    model = make_model(args)
-    batch = make_batch([args.tokens], args.vocab_size, seed=1)
+    device = pick_device(args.device)
+    model = make_model(args).to(device)
+    batch = {k: v.to(device) for k, v in make_batch([args.tokens], args.vocab_size, seed=1).items()}
     modes = args.mode.split(",")
     times: dict[str, list[float]] = {m: [] for m in modes}
+    nbytes: dict[str, int] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process, model, batch
     for _ in range(args.repeat):  # alternating: load from other processes hits every mode alike
         for mode in modes:
+            _sync(device)
             t0 = time.perf_counter()
-            train_step(model, batch, mode, args.ctx_len, args.loss_chunk)
+            _, nbytes[mode] = train_step(
+                model, batch, mode, args.ctx_len, args.loss_chunk, args.boundary_states
+            )
+            _sync(device)
             times[mode].append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mb": rss_mb, "seconds": {m: min(t) for m, t in times.items()}}))
+    out = {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mb": rss_before,
+        "seconds": {m: min(t) for m, t in times.items()},
+        "boundary_bytes": nbytes,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    print(json.dumps(out))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_child(args, mode: str, tokens: int, repeat: int, tame_malloc: bool) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "step",
-        "--mode",
-        mode,
-        "--tokens",
-        str(tokens),
-        "--repeat",
-        str(repeat),
-        "--ctx_len",
-        str(args.ctx_len),
-        "--n_layer",
-        str(args.n_layer),
-        "--n_embd",
-        str(args.n_embd),
-        "--vocab_size",
-        str(args.vocab_size),
-        "--wkv_backend",
-        args.wkv_backend,
-        "--threads",
-        str(args.threads),
-        "--loss_chunk",
-        str(args.loss_chunk),
-    ]
+    """One `step` child for the single family `args.arch`; its JSON line as a dict."""
+    cmd = [sys.executable, __file__, "step", "--mode", mode, "--tokens", str(tokens), "--repeat", str(repeat)]
+    for key in CHILD_KEYS:
+        cmd += [f"--{key}", str(getattr(args, key))]
     env = {**os.environ, **(TAME_MALLOC if tame_malloc else {})}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -158,15 +195,35 @@ def run_child(args, mode: str, tokens: int, repeat: int, tame_malloc: bool) -> d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+CHILD_KEYS = (
+    "arch", "ctx_len", "n_layer", "n_embd", "vocab_size", "wkv_backend", "threads", "loss_chunk",
+    "boundary_states", "device",
+)  # fmt: skip
+"""The options a `step` child inherits from its parent."""
+
+
+def per_arch(args) -> list[argparse.Namespace]:
+    """One copy of `args` per family named in `args.arch` (comma-separated)."""
+    archs = args.arch.split(",")
+    for arch in archs:
+        family_named(arch, "--arch")
+    return [argparse.Namespace(**{**vars(args), "arch": arch}) for arch in archs]
+
+
 def _header(args) -> None:
     print(
-        f"model L{args.n_layer} C{args.n_embd} V{args.vocab_size}, wkv_backend={args.wkv_backend}, "
-        f"ctx_len {args.ctx_len}, loss_chunk {args.loss_chunk}, batch 1, fp32, CPU threads {args.threads}; "
-        "one fresh process per cell"
+        f"{args.arch}: model L{args.n_layer} C{args.n_embd} V{args.vocab_size}, "
+        f"wkv_backend={args.wkv_backend}, ctx_len {args.ctx_len}, loss_chunk {args.loss_chunk}, "
+        f"batch 1, fp32, device {args.device}, CPU threads {args.threads}; one fresh process per cell"
     )
 
 
 def cmd_memory(args) -> None:
+    for one in per_arch(args):
+        _memory(one)
+
+
+def _memory(args) -> None:
     _header(args)
     lengths = [int(x) for x in args.lengths.split(",")]
     print(f"{'mode':12}" + "".join(f"{n:>12,}" for n in lengths) + f"{'ratio':>10}   (peak RSS, MB)")
@@ -177,6 +234,11 @@ def cmd_memory(args) -> None:
 
 def cmd_throughput(args) -> None:
     """All modes in one child per length, alternating, best of `repeat` (the machine may be shared)."""
+    for one in per_arch(args):
+        _throughput(one)
+
+
+def _throughput(args) -> None:
     _header(args)
     lengths = [int(x) for x in args.lengths.split(",")]
     modes = args.modes.split(",")
@@ -257,6 +319,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--wkv_backend", default="auto")
         p.add_argument("--threads", type=int, default=torch.get_num_threads())
         p.add_argument("--loss_chunk", type=int, default=LOSS_CHUNK, help="positions per loss chunk")
+        p.add_argument(
+            "--arch", default="rwkv4", help=f"model family, or a comma list of {', '.join(FAMILIES)}"
+        )
+        p.add_argument("--boundary_states", default="device", help="bptt_step's boundary_states")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA when available)")
     args = parser.parse_args(argv)
     commands = {
         "exactness": cmd_exactness,
