@@ -57,20 +57,11 @@ def family_config(family: str, vocab_size: int = 97, **options) -> RWKV4Config |
     raise ValueError(f"family {family!r}: expected one of {FAMILY_NAMES}")
 
 
-def random_family_model(
-    cfg: RWKV4Config | RWKV7Config, seed: int = 0, dtype=torch.float32
-) -> RWKV4 | RWKV7:
+def random_family_model(cfg: RWKV4Config | RWKV7Config, seed: int = 0, dtype=torch.float32) -> RWKV4 | RWKV7:
     """`random_model` or `random_rwkv7`, whichever family `cfg` belongs to."""
     if isinstance(cfg, RWKV7Config):
         return random_rwkv7(cfg, seed, dtype)
     return random_model(cfg, seed, dtype)
-
-
-def family_dims(family: str) -> dict[str, int | str]:
-    """The `model:` settings of `family_config(family)` for a from-scratch RWKVModule / fit config."""
-    cfg = family_config(family)
-    dims = {"arch": family, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd}
-    return dims if family == "rwkv7" else {**dims, "dim_att": cfg.dim_att, "dim_ffn": cfg.dim_ffn}
 
 
 @pytest.fixture(params=FAMILY_NAMES)

@@ -52,8 +52,8 @@ def init_models(tmp_path_factory) -> dict[str, object]:
 @pytest.fixture
 def init_model(family, init_models):
     if family not in init_models:
-        cfg = family_config(family, vocab_size=100)
-        init_models[family] = save_model(random_family_model(cfg), init_models["folder"] / f"{family}.pth", "fp32")
+        model = random_family_model(family_config(family, vocab_size=100))
+        init_models[family] = save_model(model, init_models["folder"] / f"{family}.pth", "fp32")
     return init_models[family]
 
 

@@ -9,8 +9,6 @@ comparison can fail.
 
 from __future__ import annotations
 
-import torch
-
 from rwkv_infctx.training.segments import bptt_step
 from tests.conftest import family_config, random_family_model
 

@@ -74,7 +74,9 @@ def param_bytes(model) -> int:
 # WKV-7's chunked op holds its chunks' fp32 states). RWKV-7 is 256 wide (4 heads): at 64 wide its
 # (H, N, N) state per token and layer is 1/16 of a layer's weights, and the states would dominate.
 WIDE = {
-    "rwkv4": RWKV4Config(n_layer=3, n_embd=64, vocab_size=101, dim_att=64, dim_ffn=256, wkv_backend="reference"),
+    "rwkv4": RWKV4Config(
+        n_layer=3, n_embd=64, vocab_size=101, dim_att=64, dim_ffn=256, wkv_backend="reference"
+    ),
     "rwkv7": RWKV7Config(n_layer=2, n_embd=256, vocab_size=101, wkv_backend="reference"),
 }
 
