@@ -49,11 +49,12 @@ FAMILY_NAMES = ("rwkv4", "rwkv7")
 
 def family_config(family: str, vocab_size: int = 97, **options) -> RWKV4Config | RWKV7Config:
     """The tiny test model of `family`: RWKV-4 2 × 32 (dim_att 24, dim_ffn 80), RWKV-7 2 × 64 (one
-    head of 64, LoRA dims at their minimum of 32); `options` (dropout, wkv_backend) are passed on."""
+    head of 64, LoRA dims at their minimum of 32); `options` (dropout, wkv_backend, or a dim) override."""
     if family == "rwkv4":
-        return RWKV4Config(n_layer=2, n_embd=32, vocab_size=vocab_size, dim_att=24, dim_ffn=80, **options)
+        dims = {"n_layer": 2, "n_embd": 32, "dim_att": 24, "dim_ffn": 80}
+        return RWKV4Config(**{**dims, "vocab_size": vocab_size, **options})
     if family == "rwkv7":
-        return RWKV7Config(n_layer=2, n_embd=64, vocab_size=vocab_size, **options)
+        return RWKV7Config(**{"n_layer": 2, "n_embd": 64, "vocab_size": vocab_size, **options})
     raise ValueError(f"family {family!r}: expected one of {FAMILY_NAMES}")
 
 

@@ -35,6 +35,8 @@ STEP_TOL = 1e-4
 # the first has no prompt, so its first learnt token is only read (never predicted)
 ROWS = [(0, 8), (6, 17), (10, 36), (14, 65)]
 MODES = ("step_tokens", "micro_batch_tokens")
+# RWKV-4 keeps the widths this test always had (dim_att n_embd, dim_ffn 4 · n_embd)
+WIDTHS = {"rwkv4": {"dim_att": None, "dim_ffn": None}, "rwkv7": {}}
 # `prepared` holds a model of the family it is parametrised with. RWKV-7 runs the one-process and
 # DDP cases; the resumed run (the data cursor's step totals) and DeepSpeed's grouping of micro-steps
 # do not depend on the family and run for RWKV-4 only (ZeRO for RWKV-7: test_deepspeed.py)
@@ -57,7 +59,7 @@ def prepared(request, tmp_path_factory) -> tuple[Path, Path]:
     data.prepare_data()
     lengths = [len(r) for r in load_splits(folder / "data")["train"]["input_ids"]]
     assert [-(-(n - 1) // CTX_LEN) for n in lengths] == [1, 3, 6, 10]
-    cfg = family_config(request.param, vocab_size=data.vocab_size_needed())
+    cfg = family_config(request.param, vocab_size=data.vocab_size_needed(), **WIDTHS[request.param])
     return folder / "data", save_model(random_family_model(cfg), folder / "init.pth", "fp32")
 
 

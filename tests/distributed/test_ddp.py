@@ -14,10 +14,12 @@ from tests.training.batches import rel
 
 CTX_LEN = 8
 LENGTHS = [3 * CTX_LEN, 11 * CTX_LEN]  # rank 0: 3 segments, rank 1: 11 segments
+# RWKV-4 keeps the widths this test always had (dim_att n_embd, dim_ffn 4 · n_embd)
+WIDTHS = {"rwkv4": {"dim_att": None, "dim_ffn": None}, "rwkv7": {}}
 
 
 def test_two_ranks_give_the_gradients_of_one_process_with_both_samples(family, tmp_path):
-    cfg = family_config(family, vocab_size=100)
+    cfg = family_config(family, vocab_size=100, **WIDTHS[family])
     model_path = save_model(random_family_model(cfg), tmp_path / "init.pth", "fp32")
     run_ranks(["ddp", str(tmp_path), str(model_path), ",".join(map(str, LENGTHS)), "--ctx_len", str(CTX_LEN)])
 

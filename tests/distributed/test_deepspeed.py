@@ -25,6 +25,8 @@ pytest.importorskip("deepspeed")
 CTX_LEN = 8
 LENGTHS = [3 * CTX_LEN, 11 * CTX_LEN, 5 * CTX_LEN, 2 * CTX_LEN - 3]  # step 1: ranks 0, 1; step 2: 0, 1
 LR = {"rwkv4": 0.1, "rwkv7": 2.0}
+# RWKV-4 keeps the widths this test always had (dim_att n_embd, dim_ffn 4 · n_embd)
+WIDTHS = {"rwkv4": {"dim_att": None, "dim_ffn": None}, "rwkv7": {}}
 """RWKV-7's gradients are smaller (train_temp's init): at 0.1 its LoRA factors move by ~1e-5, about
 2000 fp32 ulps of their values, too few to resolve a 1e-4 relative weight change."""
 STRATEGIES = [
@@ -52,7 +54,7 @@ def init_models(tmp_path_factory) -> dict[str, object]:
 @pytest.fixture
 def init_model(family, init_models):
     if family not in init_models:
-        model = random_family_model(family_config(family, vocab_size=100))
+        model = random_family_model(family_config(family, vocab_size=100, **WIDTHS[family]))
         init_models[family] = save_model(model, init_models["folder"] / f"{family}.pth", "fp32")
     return init_models[family]
 
