@@ -47,6 +47,34 @@ def random_rwkv7(cfg: RWKV7Config, seed: int = 0, dtype=torch.float32) -> RWKV7:
     return model.to(dtype)
 
 
+FAMILY_NAMES = ("rwkv4", "rwkv7")
+"""The model families that every guarantee test runs for (`family` fixture, `family_config`)."""
+
+
+def family_config(family: str, vocab_size: int = 97, **options) -> RWKV4Config | RWKV7Config:
+    """The tiny test model of `family`: RWKV-4 2 × 32 (dim_att 24, dim_ffn 80), RWKV-7 2 × 64 (one
+    head of 64, LoRA dims at their minimum of 32); `options` (dropout, wkv_backend, or a dim) override."""
+    if family == "rwkv4":
+        dims = {"n_layer": 2, "n_embd": 32, "dim_att": 24, "dim_ffn": 80}
+        return RWKV4Config(**{**dims, "vocab_size": vocab_size, **options})
+    if family == "rwkv7":
+        return RWKV7Config(**{"n_layer": 2, "n_embd": 64, "vocab_size": vocab_size, **options})
+    raise ValueError(f"family {family!r}: expected one of {FAMILY_NAMES}")
+
+
+def random_family_model(cfg: RWKV4Config | RWKV7Config, seed: int = 0, dtype=torch.float32) -> RWKV4 | RWKV7:
+    """`random_model` or `random_rwkv7`, whichever family `cfg` belongs to."""
+    if isinstance(cfg, RWKV7Config):
+        return random_rwkv7(cfg, seed, dtype)
+    return random_model(cfg, seed, dtype)
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family(request) -> str:
+    """Runs a test once per model family."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """Each test sees the environment the session started with: an in-process `fit` leaves

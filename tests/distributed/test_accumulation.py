@@ -21,10 +21,9 @@ from rwkv_infctx.data import RWKVDataModule
 from rwkv_infctx.data.collator import collate
 from rwkv_infctx.data.store import load_splits
 from rwkv_infctx.io.model_file import load_model, read_state_dict, save_model
-from rwkv_infctx.model import RWKV4Config
 from rwkv_infctx.training.module import RWKVModule
 from rwkv_infctx.training.segments import bptt_step
-from tests.conftest import random_model
+from tests.conftest import family_config, random_family_model
 from tests.distributed.launch import run_ranks
 from tests.training.batches import rel
 
@@ -36,12 +35,19 @@ STEP_TOL = 1e-4
 # the first has no prompt, so its first learnt token is only read (never predicted)
 ROWS = [(0, 8), (6, 17), (10, 36), (14, 65)]
 MODES = ("step_tokens", "micro_batch_tokens")
+# RWKV-4 keeps the widths this test always had (dim_att n_embd, dim_ffn 4 · n_embd)
+WIDTHS = {"rwkv4": {"dim_att": None, "dim_ffn": None}, "rwkv7": {}}
+# `prepared` holds a model of the family it is parametrised with. RWKV-7 runs the one-process and
+# DDP cases; the resumed run (the data cursor's step totals) and DeepSpeed's grouping of micro-steps
+# do not depend on the family and run for RWKV-4 only (ZeRO for RWKV-7: test_deepspeed.py)
+BOTH = pytest.mark.parametrize("prepared", ["rwkv4", "rwkv7"], indirect=True)
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, Path]:
-    """(data_path, init model): the four samples, in this order, and a tiny fp32 model."""
-    folder = tmp_path_factory.mktemp("accum")
+def prepared(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(data_path, init model): the four samples, in this order, and a tiny fp32 model of the family
+    `request.param` (indirect parametrisation)."""
+    folder = tmp_path_factory.mktemp(f"accum-{request.param}")
     source = folder / "rows.jsonl"
     source.write_text("".join(json.dumps({"prompt": " p" * a, "answer": " x" * b}) + "\n" for a, b in ROWS))
     data = RWKVDataModule(
@@ -53,8 +59,8 @@ def prepared(tmp_path_factory) -> tuple[Path, Path]:
     data.prepare_data()
     lengths = [len(r) for r in load_splits(folder / "data")["train"]["input_ids"]]
     assert [-(-(n - 1) // CTX_LEN) for n in lengths] == [1, 3, 6, 10]
-    cfg = RWKV4Config(n_layer=2, n_embd=32, vocab_size=data.vocab_size_needed())
-    return folder / "data", save_model(random_model(cfg), folder / "init.pth", "fp32")
+    cfg = family_config(request.param, vocab_size=data.vocab_size_needed(), **WIDTHS[request.param])
+    return folder / "data", save_model(random_family_model(cfg), folder / "init.pth", "fp32")
 
 
 def reference_grads(
@@ -125,6 +131,7 @@ def fit_one_process(
     return grads.steps
 
 
+@BOTH
 def test_one_process_accumulating_2_gives_the_gradient_of_batch_2(prepared):
     """Samples 0, 1 | 2: three batches, the epoch's last step holds one (limit_train_batches 3);
     ctx_len_cutoff 20 cuts the longer samples into pieces."""
@@ -139,6 +146,7 @@ def test_one_process_accumulating_2_gives_the_gradient_of_batch_2(prepared):
         report(f"1 process, accumulate 2, step {step + 1}", *figures, GRAD_TOL)
 
 
+@pytest.mark.parametrize("prepared", ["rwkv4"], indirect=True)
 def test_a_run_resumed_between_two_steps_divides_by_the_same_step_totals(prepared, tmp_path):
     """Shuffled; resumed from the checkpoint of step 1: step 2 is the uninterrupted run's, and the
     gradient of its two samples in one batch (the cursor keeps the samples' places in the epoch)."""
@@ -167,6 +175,7 @@ def step_samples(out: Path) -> list[list[int]]:
 DEALT = [[0, 2], [1, 3]]
 
 
+@BOTH
 def test_ddp_2_ranks_accumulating_2_give_the_gradient_of_batch_4(prepared, tmp_path):
     data_path, model_path = prepared
     args = ["ddp", str(tmp_path), str(model_path), f"data:{data_path}", "--steps", "1", "--accumulate", "2"]
@@ -187,6 +196,7 @@ def test_ddp_2_ranks_accumulating_2_give_the_gradient_of_batch_4(prepared, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("prepared", ["rwkv4"], indirect=True)
 def test_deepspeed_stage_2_on_2_ranks_accumulating_2_takes_the_step_of_batch_4(prepared, tmp_path):
     pytest.importorskip("deepspeed")
     data_path, model_path = prepared

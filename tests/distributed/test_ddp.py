@@ -6,20 +6,21 @@ import torch
 
 from rwkv_infctx.data.collator import collate
 from rwkv_infctx.io.model_file import load_model, save_model
-from rwkv_infctx.model import RWKV4Config
 from rwkv_infctx.training.segments import bptt_step
-from tests.conftest import random_model
+from tests.conftest import family_config, random_family_model
 from tests.distributed.launch import run_ranks
 from tests.distributed.worker import synthetic_samples
 from tests.training.batches import rel
 
 CTX_LEN = 8
 LENGTHS = [3 * CTX_LEN, 11 * CTX_LEN]  # rank 0: 3 segments, rank 1: 11 segments
+# RWKV-4 keeps the widths this test always had (dim_att n_embd, dim_ffn 4 · n_embd)
+WIDTHS = {"rwkv4": {"dim_att": None, "dim_ffn": None}, "rwkv7": {}}
 
 
-def test_two_ranks_give_the_gradients_of_one_process_with_both_samples(tmp_path):
-    cfg = RWKV4Config(n_layer=2, n_embd=32, vocab_size=100)
-    model_path = save_model(random_model(cfg), tmp_path / "init.pth", "fp32")
+def test_two_ranks_give_the_gradients_of_one_process_with_both_samples(family, tmp_path):
+    cfg = family_config(family, vocab_size=100, **WIDTHS[family])
+    model_path = save_model(random_family_model(cfg), tmp_path / "init.pth", "fp32")
     run_ranks(["ddp", str(tmp_path), str(model_path), ",".join(map(str, LENGTHS)), "--ctx_len", str(CTX_LEN)])
 
     model = load_model(model_path)

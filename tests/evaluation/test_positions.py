@@ -17,6 +17,7 @@ from rwkv_infctx.evaluation.positions import (
     segment_losses,
 )
 from rwkv_infctx.evaluation.samples import batches, truncate
+from tests.conftest import family_config, random_family_model
 from tests.evaluation.conftest import tiny_model
 
 
@@ -80,8 +81,8 @@ def test_accumulation_equals_direct_per_token_computation():
     assert acc.total_tokens == int((batch["loss_mask"] > 0).sum())
 
 
-def test_segmented_evaluation_matches_one_pass():
-    model = tiny_model(seed=3)
+def test_segmented_evaluation_matches_one_pass(family):
+    model = random_family_model(family_config(family, 97), seed=3)
     batch = _batch([90, 61], 97, seed=2)
 
     def losses(segment_len: int) -> torch.Tensor:

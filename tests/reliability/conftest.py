@@ -54,8 +54,17 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def fit_config(root: Path, data: Path, tokenizer: Path, **overrides: Any) -> dict[str, Any]:
-    """A tiny, deterministic CPU fit config writing under `root`."""
+FAMILY_MODELS: dict[str, dict[str, Any]] = {
+    "rwkv4": {"arch": "rwkv4", "n_layer": 2, "n_embd": 32, "wkv_backend": "reference"},
+    "rwkv7": {"arch": "rwkv7", "n_layer": 2, "n_embd": 64, "wkv_backend": "chunked"},  # one head of 64
+}
+"""The tiny model of each family, from scratch (RWKV-7's LoRA dims default to their minimum, 32)."""
+
+
+def fit_config(
+    root: Path, data: Path, tokenizer: Path, family: str = "rwkv4", **overrides: Any
+) -> dict[str, Any]:
+    """A tiny, deterministic CPU fit config writing under `root`, for the model family `family`."""
     config: dict[str, Any] = {
         "seed_everything": 7,
         "trainer": {
@@ -74,16 +83,13 @@ def fit_config(root: Path, data: Path, tokenizer: Path, **overrides: Any) -> dic
             },
         },
         "model": {
-            "arch": "rwkv4",
-            "n_layer": 2,
-            "n_embd": 32,
+            **FAMILY_MODELS[family],
             "vocab_size": VOCAB,
             "ctx_len": 16,
             "dropout": 0.1,
             "lr_init": 1e-2,
             "lr_final": 1e-3,
             "warmup_steps": 2,
-            "wkv_backend": "reference",
         },
         "data": {
             "source": str(data),

@@ -35,7 +35,7 @@ class InjectNaN(pl.Callback):
         self.on_train_batch_end(trainer, pl_module, None, None, 0)
 
 
-def nan_config(root, corpus, policy: str):
+def nan_config(root, corpus, policy: str, family: str):
     callbacks = [
         {"class_path": "tests.reliability.test_nan_guard.InjectNaN"},
         {
@@ -43,7 +43,7 @@ def nan_config(root, corpus, policy: str):
             "init_args": {"every_n_train_steps": 1, "save_top_k": -1},
         },
     ]
-    cfg = fit_config(root, *corpus, **{"trainer.callbacks": callbacks, "model.nan_policy": policy})
+    cfg = fit_config(root, *corpus, family, **{"trainer.callbacks": callbacks, "model.nan_policy": policy})
     return write_config(root / f"{policy}.yaml", cfg)
 
 
@@ -51,8 +51,8 @@ def steps(root) -> list[int]:
     return sorted(int(p.stem.split("step=")[1]) for p in root.rglob("*.ckpt"))
 
 
-def test_stop_names_step_and_samples_and_keeps_last_checkpoint(corpus, run_root, capsys):
-    assert main(["fit", "-c", str(nan_config(run_root, corpus, "stop"))]) == 2
+def test_stop_names_step_and_samples_and_keeps_last_checkpoint(family, corpus, run_root, capsys):
+    assert main(["fit", "-c", str(nan_config(run_root, corpus, "stop", family))]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "non-finite loss at global step 2 (samples " in line and "nan_policy: skip" in line
     assert steps(run_root) == [1, 2]  # nothing after the bad step
@@ -62,8 +62,8 @@ def test_stop_names_step_and_samples_and_keeps_last_checkpoint(corpus, run_root,
     assert not list(run_root.rglob(".*.tmp"))
 
 
-def test_skip_counts_and_goes_on(corpus, run_root):
-    assert main(["fit", "-c", str(nan_config(run_root, corpus, "skip"))]) == 0
+def test_skip_counts_and_goes_on(family, corpus, run_root):
+    assert main(["fit", "-c", str(nan_config(run_root, corpus, "skip", family))]) == 0
     assert steps(run_root) == [1, 2, 3, 4]
     ckpt = read_checkpoint(next(p for p in run_root.rglob("*.ckpt") if "step=4" in p.name))
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from rwkv_infctx.model import RWKV4Config
 from rwkv_infctx.training.segments import bptt_step
-from tests.conftest import random_model
+from tests.conftest import family_config, random_family_model
 from tests.model.test_hidden import count_calls
 
 from .batches import flat_grad, make_batch, rel
 
 
-def test_grad_cp_with_dropout_gives_the_same_gradients():
-    cfg = RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80, dropout=0.3)
-    model = random_model(cfg, seed=31, dtype=torch.float64)
+def test_grad_cp_with_dropout_gives_the_same_gradients(family):
+    cfg = family_config(family, 97, dropout=0.3)
+    model = random_family_model(cfg, seed=31, dtype=torch.float64)
     batch = make_batch([64, 50], cfg.vocab_size, seed=32)
     calls = []
     count_calls(model.blocks[1], calls)

@@ -19,15 +19,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from rwkv_infctx.errors import UserError
-from rwkv_infctx.model import RWKV4Config
+from rwkv_infctx.model import RWKV4Config, RWKV7Config
 from rwkv_infctx.training.loss import objective, segment_terms, token_count
 from rwkv_infctx.training.module import RWKVModule
 from rwkv_infctx.training.segments import StepReport, _SegmentedRun, bptt_step, plan_segments, unpack_batch
-from tests.conftest import random_model
+from tests.conftest import family_config, random_family_model, random_model
 
 from .batches import flat_grad, make_batch, plain_objective, rel
 
 CFG = RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80)
+VOCAB = 97
 BF16_EPS = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
 
 
@@ -69,8 +70,20 @@ def param_bytes(model) -> int:
 
 
 # a model whose parameters dominate a backward pass: wide blocks, 4-token segments, and the reference
-# WKV op (the chunked op's backward holds (C, 17, 16) buffers, more than the parameters at this size)
-WIDE = RWKV4Config(n_layer=3, n_embd=64, vocab_size=101, dim_att=64, dim_ffn=256, wkv_backend="reference")
+# WKV op (the chunked op's backward holds (C, 17, 16) buffers, more than the parameters at this size;
+# WKV-7's chunked op holds its chunks' fp32 states). RWKV-7 is 256 wide (4 heads): at 64 wide its
+# (H, N, N) state per token and layer is 1/16 of a layer's weights, and the states would dominate.
+WIDE = {
+    "rwkv4": RWKV4Config(
+        n_layer=3, n_embd=64, vocab_size=101, dim_att=64, dim_ffn=256, wkv_backend="reference"
+    ),
+    "rwkv7": RWKV7Config(n_layer=2, n_embd=256, vocab_size=101, wkv_backend="reference"),
+}
+
+
+def tiny(family: str, seed: int, dtype=torch.float32, **options):
+    """The family's tiny random model (tests/conftest.py)."""
+    return random_family_model(family_config(family, VOCAB, **options), seed, dtype)
 
 
 @pytest.mark.parametrize(
@@ -82,18 +95,20 @@ WIDE = RWKV4Config(n_layer=3, n_embd=64, vocab_size=101, dim_att=64, dim_ffn=256
     ],
     ids=["fp32", "bf16-float32-sums", "bf16-param-sums"],
 )
-def test_backward_holds_one_set_of_gradient_sums(weights, accum, bound):
+def test_backward_holds_one_set_of_gradient_sums(family, weights, accum, bound):
     """Peak ≤ bound × the parameters' bytes (P). Largest single parameter here: 0.09 P; activations
     of a 4-token segment and a chunk's logits: a few % of P. Measured (`pytest -s -k one_set_of`):
     1.26 P (fp32), 2.30 P (bf16 weights, fp32 sums), 1.30 P (bf16 sums); before streaming (commit
     49b405d) 2.99 P and 4.07 P (the sums, each segment's full set from autograd.grad, the head's own
-    fp32 sums, the cast of all sums at once)."""
-    model = random_model(WIDE, seed=5).to(weights)
-    batch = make_batch([16], WIDE.vocab_size, seed=6)
+    fp32 sums, the cast of all sums at once). RWKV-7 (width 256: its fp32 WKV state, 1/64 of a
+    layer's weights per token, and the reference op's per-token intermediates add about 0.1 P, twice
+    that against bf16 weights): 1.33 P, 2.47 P, 1.47 P."""
+    model = random_family_model(WIDE[family], seed=5).to(weights)
+    batch = make_batch([16], WIDE[family].vocab_size, seed=6)
     kwargs = {} if accum is None else {"grad_accum_dtype": accum}
     peak = backward_peak(model, batch, 4, **kwargs)
     P = param_bytes(model)
-    print(f"backward peak {peak / P:.2f} x parameter bytes ({weights}, sums {accum or 'float32'})")  # -s
+    print(f"{family} backward peak {peak / P:.2f} x parameter bytes ({weights}, sums {accum or 'float32'})")
     assert peak <= bound * P, f"backward peak {peak / P:.2f} × parameter bytes (bound {bound})"
     if accum == "param":  # half the fp32 sums' memory: the bound of float32 sums would not hold here
         assert peak <= 0.75 * backward_peak(model, batch, 4, grad_accum_dtype="float32")
@@ -101,10 +116,10 @@ def test_backward_holds_one_set_of_gradient_sums(weights, accum, bound):
 
 @pytest.mark.parametrize("grad_cp", [False, True], ids=["plain", "grad_cp"])
 @pytest.mark.parametrize("accum", ["float32", "param"])
-def test_streamed_gradients_equal_unsegmented_autograd_fp64(grad_cp, accum):
+def test_streamed_gradients_equal_unsegmented_autograd_fp64(family, grad_cp, accum):
     """fp64: both accumulators sum in fp64; 5 segments (the last shorter), rows of two lengths."""
-    model = random_model(CFG, seed=7, dtype=torch.float64)
-    batch = make_batch([72, 45], CFG.vocab_size, seed=8)
+    model = tiny(family, 7, torch.float64)
+    batch = make_batch([72, 45], VOCAB, seed=8)
     plain_objective(model, batch).backward()
     ref = flat_grad(model)
     proxy, _ = bptt_step(model, batch, 16, grad_cp=grad_cp, grad_accum_dtype=accum)
@@ -113,12 +128,11 @@ def test_streamed_gradients_equal_unsegmented_autograd_fp64(grad_cp, accum):
 
 
 @pytest.mark.parametrize("grad_cp", [False, True], ids=["plain", "grad_cp"])
-def test_streamed_gradients_with_dropout_equal_whole_graph_autograd_fp64(grad_cp):
+def test_streamed_gradients_with_dropout_equal_whole_graph_autograd_fp64(family, grad_cp):
     """Dropout 0.3: the oracle is ordinary autograd over one graph of all segments, each run under
     the RNG state that bptt_step's state pass recorded for it (so the masks are the same)."""
-    cfg = RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80, dropout=0.3)
-    model = random_model(cfg, seed=9, dtype=torch.float64)
-    batch = make_batch([64, 50], cfg.vocab_size, seed=10)
+    model = tiny(family, 9, torch.float64, dropout=0.3)
+    batch = make_batch([64, 50], VOCAB, seed=10)
     ctx_len = 24
     torch.manual_seed(11)
     proxy, report = bptt_step(model, batch, ctx_len, grad_cp=grad_cp)
@@ -157,13 +171,13 @@ def segment_ce(model, batch, run) -> Tensor:
     return ce
 
 
-def test_param_sums_of_bf16_weights_are_close_to_float32_sums():
+def test_param_sums_of_bf16_weights_are_close_to_float32_sums(family):
     """bf16 weights, 6 segments: summing the per-segment bf16 gradients in bf16 rounds once per
     addition (each ≤ BF16_EPS of the running sum), so the sums drift from the fp32 sums by about
     (segments − 1) · BF16_EPS relative to the largest gradient entry, more where terms cancel: the
     bound is 2 · 5 · BF16_EPS = 3.9e-2. It must exceed 0: the option really summed in bf16."""
-    model = random_model(CFG, seed=12).bfloat16()
-    batch = make_batch([96, 70], CFG.vocab_size, seed=13)
+    model = tiny(family, 12).bfloat16()
+    batch = make_batch([96, 70], VOCAB, seed=13)
     grads = {}
     for accum in ("float32", "param"):
         proxy, _ = bptt_step(model, batch, 16, grad_accum_dtype=accum)
@@ -184,12 +198,12 @@ def test_bad_grad_accum_dtype_is_one_line_naming_the_key():
         RWKVModule(arch="rwkv4", n_layer=2, n_embd=32, vocab_size=97, grad_accum_dtype="bf16")
 
 
-def test_no_autograd_call_of_the_sweep_returns_parameter_gradients(monkeypatch):
+def test_no_autograd_call_of_the_sweep_returns_parameter_gradients(family, monkeypatch):
     """Structural: during the backward pass no torch.autograd.grad call is asked for a parameter or
     an alias of one (the head's chunks ask only for a chunk's head weight gradient, which is summed
     at once), and the parameters' gradients are set once, by the node."""
-    model = random_model(CFG, seed=16)
-    batch = make_batch([48], CFG.vocab_size, seed=17)
+    model = tiny(family, 16)
+    batch = make_batch([48], VOCAB, seed=17)
     ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     head = {p.untyped_storage().data_ptr() for p in model.head.parameters()}
     asked: list[set[int]] = []

@@ -15,7 +15,7 @@ from rwkv_infctx.training.loss import (
     segment_terms,
 )
 from rwkv_infctx.training.segments import bptt_step, evaluate_loss
-from tests.conftest import random_model
+from tests.conftest import family_config, random_family_model, random_model
 
 from .batches import flat_grad, make_batch, plain_objective, rel
 
@@ -38,8 +38,8 @@ def logit_rows(model):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
-def test_chunked_loss_gradients_equal_unchunked_and_unsegmented(dtype, tol):
-    model = random_model(CFG, seed=21, dtype=dtype)
+def test_chunked_loss_gradients_equal_unchunked_and_unsegmented(family, dtype, tol):
+    model = random_family_model(family_config(family, CFG.vocab_size), seed=21, dtype=dtype)
     batch = make_batch([T, T - 37], CFG.vocab_size, seed=22)
     batch["loss_mask"][:, 30:50] = 0  # a fully masked chunk inside the sample is skipped
     plain_objective(model, batch).backward()

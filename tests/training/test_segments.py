@@ -8,15 +8,19 @@ import pytest
 import torch
 
 from rwkv_infctx.errors import UserError
-from rwkv_infctx.model import RWKV4Config
 from rwkv_infctx.training.loss import L2WRAP_FACTOR, objective, segment_terms
 from rwkv_infctx.training.segments import Segment, bptt_step, evaluate_loss, plan_segments
-from tests.conftest import random_model
+from tests.conftest import family_config, random_family_model
 
 from .batches import flat_grad, make_batch, plain_objective, rel
 
-CFG = RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80)
 T = 112
+VOCAB = 97
+
+
+def tiny(family: str, seed: int, dtype=torch.float32, **options):
+    """The family's tiny random model (tests/conftest.py)."""
+    return random_family_model(family_config(family, VOCAB, **options), seed, dtype)
 
 
 def segmented_grad(model, batch, ctx_len, **kw):
@@ -26,9 +30,9 @@ def segmented_grad(model, batch, ctx_len, **kw):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-10)])
-def test_gradients_match_unsegmented_bptt(dtype, tol):
-    model = random_model(CFG, seed=1, dtype=dtype)
-    batch = make_batch([T, T - 37], CFG.vocab_size, seed=2)
+def test_gradients_match_unsegmented_bptt(family, dtype, tol):
+    model = tiny(family, 1, dtype)
+    batch = make_batch([T, T - 37], VOCAB, seed=2)
     ref_obj = plain_objective(model, batch)
     ref_obj.backward()
     ref = flat_grad(model)
@@ -44,10 +48,10 @@ def test_gradients_match_unsegmented_bptt(dtype, tol):
     assert rel(truncated, ref) > 1e-3  # the comparison can fail: dropping the state gradient shows
 
 
-def test_batch_with_variable_lengths_equals_per_sample_computation():
-    model = random_model(CFG, seed=3, dtype=torch.float64)
+def test_batch_with_variable_lengths_equals_per_sample_computation(family):
+    model = tiny(family, 3, torch.float64)
     lengths = [T, 45, 80]
-    batch = make_batch(lengths, CFG.vocab_size, seed=4)
+    batch = make_batch(lengths, VOCAB, seed=4)
     grad, report = segmented_grad(model, batch, 16)
     total = sum(lengths)
     expected = torch.zeros_like(grad)
@@ -61,9 +65,9 @@ def test_batch_with_variable_lengths_equals_per_sample_computation():
     assert report.loss == pytest.approx(ce / total, rel=1e-12)
 
 
-def test_masked_segments_give_zero_not_nan():
-    model = random_model(CFG, seed=5, dtype=torch.float64)
-    batch = make_batch([T, T], CFG.vocab_size, seed=6)
+def test_masked_segments_give_zero_not_nan(family):
+    model = tiny(family, 5, torch.float64)
+    batch = make_batch([T, T], VOCAB, seed=6)
     batch["loss_mask"][:, 20:60] = 0  # whole segments without a learnt token, inside the sample
     batch["loss_mask"][:, 90:] = 0  # and at its end
     grad, report = segmented_grad(model, batch, 16)
@@ -77,9 +81,9 @@ def test_masked_segments_give_zero_not_nan():
     assert evaluate_loss(model, batch, 16).loss == 0.0
 
 
-def test_ctx_len_cutoff_learns_pieces_as_separate_samples():
-    model = random_model(CFG, seed=7, dtype=torch.float64)
-    batch = make_batch([T, 70], CFG.vocab_size, seed=8)
+def test_ctx_len_cutoff_learns_pieces_as_separate_samples(family):
+    model = tiny(family, 7, torch.float64)
+    batch = make_batch([T, 70], VOCAB, seed=8)
     cutoff = 48
     grad, report = segmented_grad(model, batch, 20, ctx_len_cutoff=cutoff)
     pieces = {k: torch.cat(v.split(cutoff, dim=1)[:-1], dim=0) for k, v in batch.items() if k != "lengths"}
@@ -121,9 +125,9 @@ def test_l2wrap_gradient_is_rwkv_lm_formula():
     assert torch.allclose(g_all - g_ce, expected, atol=1e-15)
 
 
-def test_proxy_scale_scales_gradients_and_grad_cp_changes_nothing():
-    model = random_model(CFG, seed=9, dtype=torch.float64)
-    batch = make_batch([T], CFG.vocab_size, seed=10)
+def test_proxy_scale_scales_gradients_and_grad_cp_changes_nothing(family):
+    model = tiny(family, 9, torch.float64)
+    batch = make_batch([T], VOCAB, seed=10)
     ref, _ = segmented_grad(model, batch, 24)
     proxy, _ = bptt_step(model, batch, 24)
     (proxy * 0.25).backward()
@@ -132,11 +136,10 @@ def test_proxy_scale_scales_gradients_and_grad_cp_changes_nothing():
     assert rel(cp, ref) < 1e-12
 
 
-def test_dropout_is_replayed_identically_in_the_recompute():
+def test_dropout_is_replayed_identically_in_the_recompute(family):
     """With dropout the recompute replays the state pass's RNG: runs are reproducible and finite."""
-    cfg = RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80, dropout=0.3)
-    model = random_model(cfg, seed=11, dtype=torch.float64)
-    batch = make_batch([64], cfg.vocab_size, seed=12)
+    model = tiny(family, 11, torch.float64, dropout=0.3)
+    batch = make_batch([64], VOCAB, seed=12)
     torch.manual_seed(123)
     g1, r1 = segmented_grad(model, batch, 16)
     torch.manual_seed(123)
@@ -147,13 +150,12 @@ def test_dropout_is_replayed_identically_in_the_recompute():
     assert rel(g3, g1) > 1e-3  # dropout was active in training mode
 
 
-def test_recompute_with_dropout_reproduces_the_saved_boundary_states():
+def test_recompute_with_dropout_reproduces_the_saved_boundary_states(family):
     """The backward's recompute of segment i must end in exactly the state the forward saved for i+1."""
     from rwkv_infctx.training.segments import StepReport, _SegmentedRun, unpack_batch
 
-    cfg = RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80, dropout=0.3)
-    model = random_model(cfg, seed=13)
-    inputs, targets, mask = unpack_batch(make_batch([64], cfg.vocab_size, seed=14))
+    model = tiny(family, 13, dropout=0.3)
+    inputs, targets, mask = unpack_batch(make_batch([64], VOCAB, seed=14))
     run = _SegmentedRun(model, inputs, targets, mask, plan_segments(64, 16), False, StepReport(64, 4, 64))
     with torch.no_grad():
         run.state_pass()

@@ -13,16 +13,19 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from rwkv_infctx.model import RWKV4Config
 from rwkv_infctx.training.loss import objective, segment_terms, token_count
 from rwkv_infctx.training.segments import bptt_step, plan_segments
-from tests.conftest import random_model
+from tests.conftest import family_config, random_family_model
 
 from .batches import flat_grad, make_batch, rel
 
-CFG = RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80)
-DROPOUT_CFG = RWKV4Config(n_layer=2, n_embd=32, vocab_size=97, dim_att=24, dim_ffn=80, dropout=0.3)
 T = 112
+VOCAB = 97
+
+
+def tiny(family: str, seed: int, dtype=torch.float32, **options) -> nn.Module:
+    """The family's tiny random model (tests/conftest.py)."""
+    return random_family_model(family_config(family, VOCAB, **options), seed, dtype)
 
 
 def oracle(
@@ -57,7 +60,7 @@ def truncated(model: nn.Module, batch: dict[str, Tensor], ctx_len: int, scale: f
 
 def masked_batch() -> dict[str, Tensor]:
     """Two rows of different lengths; row 0 has no learnt token in columns 30..70 either."""
-    batch = make_batch([T, 70], CFG.vocab_size, seed=2)
+    batch = make_batch([T, 70], VOCAB, seed=2)
     batch["loss_mask"][0, 30:70] = 0
     batch["target_ids"][0, 30:70] = 0
     return batch
@@ -73,10 +76,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_truncated_equals_per_segment_autograd(case):
+def test_truncated_equals_per_segment_autograd(family, case):
     lengths, ctx_len, cutoff, grad_cp = case
-    model = random_model(CFG, seed=1, dtype=torch.float64)
-    batch = masked_batch() if lengths is None else make_batch(lengths, CFG.vocab_size, seed=3)
+    model = tiny(family, 1, torch.float64)
+    batch = masked_batch() if lengths is None else make_batch(lengths, VOCAB, seed=3)
     ref, ref_loss = oracle(model, batch, ctx_len, cutoff)
     grad, report = truncated(model, batch, ctx_len, ctx_len_cutoff=cutoff, grad_cp=grad_cp)
     assert rel(grad, ref) < 1e-12, rel(grad, ref)
@@ -87,9 +90,9 @@ def test_truncated_equals_per_segment_autograd(case):
     assert rel(flat_grad(model), ref) > 1e-3  # the comparison can fail: full mode differs
 
 
-def test_proxy_scale_and_n_norm():
+def test_proxy_scale_and_n_norm(family):
     """Gradient accumulation scales the proxy; data parallelism passes the global token count."""
-    model = random_model(CFG, seed=4, dtype=torch.float64)
+    model = tiny(family, 4, torch.float64)
     batch = masked_batch()
     n_norm = torch.tensor(500.0)
     ref, _ = oracle(model, batch, 24, n_norm=n_norm)
@@ -112,9 +115,9 @@ def count_hidden_calls(model: nn.Module) -> Counter:
     return calls
 
 
-def test_no_state_pass_and_one_run_per_segment():
-    model = random_model(CFG, seed=5, dtype=torch.float64)
-    batch = make_batch([T], CFG.vocab_size, seed=6)
+def test_no_state_pass_and_one_run_per_segment(family):
+    model = tiny(family, 5, torch.float64)
+    batch = make_batch([T], VOCAB, seed=6)
     segments = plan_segments(T, 16)
     calls = count_hidden_calls(model)
     truncated(model, batch, 16)
@@ -129,9 +132,9 @@ def test_no_state_pass_and_one_run_per_segment():
     assert sum(calls.values()) == 2 * len(segments) - 1
 
 
-def test_masked_segments_run_for_the_state_and_idle_tails_not_at_all():
-    model = random_model(CFG, seed=7, dtype=torch.float64)
-    batch = make_batch([T], CFG.vocab_size, seed=8)
+def test_masked_segments_run_for_the_state_and_idle_tails_not_at_all(family):
+    model = tiny(family, 7, torch.float64)
+    batch = make_batch([T], VOCAB, seed=8)
     batch["loss_mask"][:, 16:48] = 0  # segments 1 and 2: no learnt token, their state is needed
     batch["loss_mask"][:, 80:] = 0  # segments 5 and 6: an idle tail
     ref, ref_loss = oracle(model, batch, 16)
@@ -153,11 +156,11 @@ def test_masked_segments_run_for_the_state_and_idle_tails_not_at_all():
 
 
 @pytest.mark.parametrize("grad_cp", [False, True], ids=["plain", "grad-cp"])
-def test_dropout_draws_from_the_forward_rng_state_and_advance_it(grad_cp):
+def test_dropout_draws_from_the_forward_rng_state_and_advance_it(family, grad_cp):
     """The masks are drawn in the backward, from the RNG state of bptt_step's call: exactly the
     draws of the per-segment oracle from that state, leaving the RNG where the oracle leaves it."""
-    model = random_model(DROPOUT_CFG, seed=9, dtype=torch.float64)
-    batch = make_batch([64, 50], CFG.vocab_size, seed=10)
+    model = tiny(family, 9, torch.float64, dropout=0.3)
+    batch = make_batch([64, 50], VOCAB, seed=10)
     torch.manual_seed(123)
     ref, ref_loss = oracle(model, batch, 16)
     rng_after_oracle = torch.get_rng_state()
@@ -173,11 +176,11 @@ def test_dropout_draws_from_the_forward_rng_state_and_advance_it(grad_cp):
     assert rel(next_step, ref) > 1e-3 and torch.isfinite(next_step).all()
 
 
-def test_autocast_is_replayed_in_the_backward():
+def test_autocast_is_replayed_in_the_backward(family):
     """bf16 autocast around bptt_step holds in the segments run by the backward: the oracle under the
     same autocast is close (tolerances of test_precision.py), fp32 is measurably further."""
-    model = random_model(CFG, seed=11)
-    batch = make_batch([80, 43], CFG.vocab_size, seed=12)
+    model = tiny(family, 11)
+    batch = make_batch([80, 43], VOCAB, seed=12)
     fp32, _ = oracle(model, batch, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, _ = oracle(model, batch, 16)
@@ -187,11 +190,11 @@ def test_autocast_is_replayed_in_the_backward():
     assert rel(grad, ref) < 2e-2 and 1e-4 < rel(grad, fp32) < 5e-2, (rel(grad, ref), rel(grad, fp32))
 
 
-def test_parameter_hooks_see_one_gradient_per_step():
+def test_parameter_hooks_see_one_gradient_per_step(family):
     """The segments' gradients are summed through the aliases: a real parameter's AccumulateGrad
     (where DDP and DeepSpeed hook in) runs once per step, not once per segment."""
-    model = random_model(CFG, seed=13, dtype=torch.float64)
-    batch = make_batch([T], CFG.vocab_size, seed=14)
+    model = tiny(family, 13, torch.float64)
+    batch = make_batch([T], VOCAB, seed=14)
     seen: Counter = Counter()
     for name, p in model.named_parameters():
         p.register_post_accumulate_grad_hook(lambda p, name=name: seen.update([name]))
