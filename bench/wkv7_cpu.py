@@ -27,9 +27,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.ops.test_wkv7_chunked import model_inputs
 
 from rwkv_infctx.ops.wkv7.chunked import CHUNK_LEN
 
@@ -37,17 +40,8 @@ TAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_T
 
 
 def make_inputs(B: int, T: int, H: int, N: int, seed: int = 0) -> list[torch.Tensor]:
-    """fp32 inputs as the RWKV-7 block makes them (see tests/ops/test_wkv7_chunked.py), S0 random."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (B, T, H, N)
-    r = torch.randn(shape, generator=g) * 0.5
-    w = -F.softplus(-(torch.randn(shape, generator=g) * 2 - 1)) - 0.5
-    k = torch.randn(shape, generator=g) * 0.5
-    v = torch.randn(shape, generator=g)
-    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
-    alpha = torch.rand(shape, generator=g)
-    S0 = torch.randn(B, H, N, N, generator=g) * 0.3
-    return [x.requires_grad_() for x in (r, w, k, v, -kappa, kappa * alpha, S0)]
+    """fp32 inputs as the RWKV-7 block makes them (the tests' `model_inputs`), S0 random; all leaves."""
+    return [x.requires_grad_() for x in model_inputs(B, T, H, N, seed)]
 
 
 def _op(name: str, chunk_len: int):
