@@ -2,6 +2,7 @@
 
     python bench/families.py targets      # the three stand-in figures for each family, with targets
     python bench/families.py boundary     # peak memory against length, boundary_states device / cpu
+    python bench/families.py profile      # share of one bptt-full step spent in the WKV op (torch.profiler)
     python bench/families.py boundary --device cuda --n_layer 12 --n_embd 768 --vocab_size 65536 \
         --ctx_len 4096 --lengths 65536,262144,1048576        # on a GPU: torch.cuda.max_memory_allocated
 
@@ -155,6 +156,35 @@ def _row(values: list[float], fmt: str) -> str:
     return "".join(f"{v:>12{fmt}}" for v in values)
 
 
+def cmd_profile(args) -> None:
+    """One bptt-full step at --tokens per family under torch.profiler (after a warm-up step): the
+    step's time and the part spent in the WKV op's autograd node, forward and backward (every event
+    named like the op's Function, e.g. WKV7Chunked and WKV7ChunkedBackward, top-level events only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"{_describe(args)}; {args.tokens:,} tokens; load {_loadavg()}")
+    for sub in bptt.per_arch(args):
+        model = bptt.make_model(sub)
+        batch = bptt.make_batch([args.tokens], sub.vocab_size)
+        bptt.train_step(model, batch, "full", sub.ctx_len, sub.loss_chunk)  # warm-up
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            bptt.train_step(model, batch, "full", sub.ctx_len, sub.loss_chunk)
+        events = prof.events()
+        total = sum(e.cpu_time_total for e in events if e.cpu_parent is None)
+        wkv = sum(e.cpu_time_total for e in events if "WKV" in e.name and not _inside_wkv(e))
+        print(f"{sub.arch}: step {total / 1e6:.2f} s, WKV op {wkv / 1e6:.2f} s ({100 * wkv / total:.0f}%)")
+
+
+def _inside_wkv(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if "WKV" in parent.name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def _loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -168,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("targets", "boundary"):
+    for name in ("targets", "boundary", "profile"):
         p = sub.add_parser(name)
         p.add_argument("--arch", default=",".join(FAMILIES), help="comma-separated model families")
         p.add_argument("--n_layer", type=int, default=2)
@@ -185,13 +215,16 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--long", type=int, default=65536, help="tokens of the long sample")
             p.add_argument("--repeat", type=int, default=3, help="timed steps at --short (best kept)")
             p.add_argument("--repeat_long", type=int, default=2, help="timed steps at --long")
+        elif name == "profile":
+            p.add_argument("--device", default="cpu", help="cpu")
+            p.add_argument("--tokens", type=int, default=4096)
         else:
             p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
             p.add_argument("--lengths", default="4096,16384,65536")
             p.add_argument("--places", default="device,cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"targets": cmd_targets, "boundary": cmd_boundary}[args.cmd](args)
+    {"targets": cmd_targets, "boundary": cmd_boundary, "profile": cmd_profile}[args.cmd](args)
 
 
 if __name__ == "__main__":
