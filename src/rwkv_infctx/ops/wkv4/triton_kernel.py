@@ -270,7 +270,7 @@ def wkv4_triton(
 ) -> tuple[Tensor, WKV4State]:
     """The Triton WKV-4: y (B, T, C) in k's dtype and the fp32 state after the last step.
 
-    Same contract as `wkv4_reference`. Tuning knobs (for bench/gpu_check.py): `chunk` overrides the
+    Same contract as `wkv4_reference`. Tuning knobs (for benchmarks): `chunk` overrides the
     chunk length L (default `default_chunk`), `block` the channels per program on CUDA.
     """
     aa, bb, pp = state
