@@ -53,6 +53,26 @@ def correctness_row(family: str, device: torch.device, quick: bool, backend: str
     return [Row("bptt grads", case, status, f"{glob:.1e} (worst {worst:.1e} {worst_name})")]
 
 
+def wkv_used(family: str, backend: str, device: torch.device) -> str:
+    """Which WKV op the bf16 model's steps ran (after a step: `auto` may have fallen back)."""
+    from rwkv_infctx.ops import self_check
+
+    if backend != "auto" or device.type != "cuda":
+        return backend
+    fast = {"rwkv7": ("WKV-7", "fla"), "rwkv4": ("WKV-4", "triton")}[family]
+    if family == "rwkv7":
+        from rwkv_infctx.ops.wkv7.fla_kernel import fla_available
+
+        if not fla_available():
+            return "chunked (fla not installed)"
+    failed = [
+        p
+        for k, p in self_check._verdicts.items()
+        if (k.family, k.backend, k.dtype) == (*fast, torch.bfloat16) and p is not None
+    ]
+    return f"chunked ({fast[1]} failed its self-check)" if failed else fast[1]
+
+
 def timed_steps(model, batch, ctx: int, place: str, device, warmup: int, reps: int) -> dict:
     """Warm-up, then `reps` timed segmented steps: median seconds, peak GiB, loss, boundary bytes."""
     for _ in range(warmup):
@@ -101,7 +121,8 @@ def family_rows(family: str, device: torch.device, quick: bool, backend: str, bu
                         time=f"{tok_s / 1e3:.2f}k tok/s",
                         mfu="n/a" if m is None else f"{100 * m:.1f}%",
                         peak=fmt(r["peak"], ".2f"),
-                        note=f"step {r['step_s']:.2f} s; boundary states {r['bytes'] / 2**20:.1f} MiB",
+                        note=f"WKV {wkv_used(family, backend, device)}; step {r['step_s']:.2f} s; "
+                        f"boundary states {r['bytes'] / 2**20:.1f} MiB",
                     )
                 ]
 

@@ -6,11 +6,13 @@ import pytest
 import torch
 from bench.gpu import __main__ as gpu_main
 from bench.gpu import models
+from bench.gpu.bptt_rows import wkv_used
 from bench.gpu.table import COLUMNS, Row, guarded, render
 
 from rwkv_infctx.model import RWKV7, RWKV4Config, RWKV7Config
 from rwkv_infctx.model.rwkv7.family import FAMILY as RWKV7_FAMILY
 from rwkv_infctx.model.rwkv7.init import init_weights
+from rwkv_infctx.ops import self_check
 from rwkv_infctx.training.throughput import peak_tflops_for_name
 
 CPU = torch.device("cpu")
@@ -152,3 +154,20 @@ def test_quick_mode_on_the_cpu(tmp_path, capsys):
 def test_parts_are_checked():
     with pytest.raises(SystemExit):
         gpu_main.parse_args(["--parts", "kernels,bogus"])
+
+
+def test_bptt_rows_name_the_wkv_op_that_ran():
+    """A kernel that failed its self-check is reported as the chunked op it fell back to."""
+    cuda = torch.device("cuda")  # only its type is read: no CUDA needed
+    self_check.reset()
+    try:
+        assert wkv_used("rwkv4", "auto", cuda) == "triton"
+        assert wkv_used("rwkv4", "chunked", cuda) == "chunked"
+        assert wkv_used("rwkv4", "auto", CPU) == "auto"
+        key = self_check.CheckKey("WKV-4", "triton", torch.bfloat16, "cuda:0", 2048)
+        with pytest.warns(self_check.SelfCheckWarning):
+            assert not self_check.use_fast_kernel(key, "warn", lambda: "y differs")
+        assert wkv_used("rwkv4", "auto", cuda) == "chunked (triton failed its self-check)"
+        assert wkv_used("rwkv7", "auto", cuda) in ("fla", "chunked (fla not installed)")
+    finally:
+        self_check.reset()
