@@ -147,9 +147,9 @@ LORA_HPARAMS = {
 def options_from_hparams(hparams: dict[str, Any]) -> LoraOptions:
     """The LoRA options that a `fit` checkpoint was trained with."""
     given = {field: hparams[h] for h, field in LORA_HPARAMS.items() if h in hparams}
-    for field in ("targets", "train_also"):
-        if given.get(field) is not None:
-            given[field] = tuple(given[field])
+    if given.get("targets") is not None:
+        given["targets"] = tuple(given["targets"])
+    given["train_also"] = tuple(given.get("train_also") or ())
     return LoraOptions(**given)
 
 
