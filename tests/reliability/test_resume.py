@@ -95,7 +95,9 @@ def test_kill_and_resume_is_bit_identical(family, where, train_mode, corpus, tmp
     kill_after = STEPS_PER_EPOCH if where == "epoch_end" else mid_run
     print(f"killing after the checkpoint of step {kill_after}")
 
-    done = subprocess.run(fit_command(config_for(straight, corpus, family, train_mode)), env=ENV, capture_output=True)
+    done = subprocess.run(
+        fit_command(config_for(straight, corpus, family, train_mode)), env=ENV, capture_output=True
+    )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
 
     config = config_for(broken, corpus, family, train_mode)
