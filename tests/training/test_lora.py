@@ -62,17 +62,19 @@ def test_only_adapters_train(family):
 
 
 def test_bptt_full_adapter_grads_equal_one_pass(family):
+    """A 64-token sample in 4 segments beside a padded 41-token one (batch 2), with and without
+    grad_cp, against plain autograd over the whole batch; truncated BPTT must differ."""
     model = lora_model(family, seed=1)
-    batch = make_batch([T], VOCAB, seed=2)
+    batch = make_batch([T, 41], VOCAB, seed=2)
     plain_objective(model, batch).backward()
     oracle = adapter_grads(model)
     assert flat(oracle).abs().max() > 0 and all(g.abs().max() > 0 for g in oracle.values())
-    for ctx_len in (T, T // 4):  # one segment holding the sample; 4 segments
-        proxy, _ = bptt_step(model, batch, ctx_len, bptt="full")
+    for ctx_len, grad_cp in ((T, False), (T // 4, False), (T // 4, True)):  # 1 segment; 4 segments
+        proxy, _ = bptt_step(model, batch, ctx_len, bptt="full", grad_cp=grad_cp)
         proxy.backward()
         got = adapter_grads(model)
         assert got.keys() == oracle.keys()
-        assert rel(flat(got), flat(oracle)) <= TOL, ctx_len
+        assert rel(flat(got), flat(oracle)) <= TOL, (ctx_len, grad_cp)
     proxy, _ = bptt_step(model, batch, T // 4, bptt="truncated")
     proxy.backward()
     assert rel(flat(adapter_grads(model)), flat(oracle)) >= 1e-3
