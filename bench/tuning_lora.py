@@ -1,0 +1,154 @@
+"""model.train_mode lora against full on the same model and sample (CPU stand-ins): exactness, peak
+memory, tokens/s, optimizer-state bytes, and peak memory at 64k ÷ 4k tokens.
+
+    python bench/tuning_lora.py exactness   # adapter gradients, 4 segments vs one pass, both families
+    python bench/tuning_lora.py compare     # full vs lora: one fresh process per (mode, length)
+
+`compare` runs one training step (segmented exact BPTT, then an AdamW step) per child process, on an
+RWKV-7 of bench/bptt.py's stand-in size (L2 C256 V1024, ctx_len 512, fp32, the chunked WKV op),
+with glibc's allocator tamed as in bench/bptt.py's `memory` so that peak RSS reflects live memory.
+The optimizer state is counted after the step: AdamW's moments of every parameter that trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bptt import TAME_MALLOC, make_batch, make_model
+from rwkv_infctx.training.optim import OptimConfig, make_optimizer
+from rwkv_infctx.training.segments import bptt_step
+from rwkv_infctx.training.tuning.lora import LoraOptions, apply_lora
+
+
+def lora_model(args, dtype=torch.float32):
+    """bench/bptt.py's model with rank-r adapters; B made random so every adapter gradient is live."""
+    model = make_model(args, dtype)
+    apply_lora(model, LoraOptions(r=args.lora_r, alpha=float(args.lora_r)))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def trained_grads(model) -> torch.Tensor:
+    out = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def cmd_exactness(args) -> None:
+    T = args.tokens
+    print(
+        f"adapter gradients (r={args.lora_r}), model L{args.n_layer} C{args.n_embd} "
+        f"V{args.vocab_size}, {T} tokens"
+    )
+    print(f"{'arch':6} {'dtype':8} {'segments':>8}  {'bptt':10} {'max rel. error vs one pass':>27}")
+    for arch in ("rwkv4", "rwkv7"):
+        for dtype in (torch.float32, torch.float64):
+            model = lora_model(argparse.Namespace(**{**vars(args), "arch": arch}), dtype)
+            batch = make_batch([T], args.vocab_size)
+            proxy, _ = bptt_step(model, batch, T)
+            proxy.backward()
+            ref = trained_grads(model)
+            for bptt in ("full", "truncated"):
+                proxy, _ = bptt_step(model, batch, T // 4, bptt=bptt)
+                proxy.backward()
+                err = float((trained_grads(model) - ref).abs().max() / ref.abs().max())
+                name = str(dtype).removeprefix("torch.")
+                print(f"{arch:6} {name:8} {4:>8}  {bptt:10} {err:>27.2e}")
+
+
+def cmd_step(args) -> None:
+    """One measured step in this process; prints a JSON line."""
+    torch.set_num_threads(args.threads)
+    model = lora_model(args) if args.mode == "lora" else make_model(args)
+    batch = make_batch([args.tokens], args.vocab_size, seed=1)
+    optimizer = make_optimizer(model, OptimConfig(lr_init=1e-4))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    proxy, _ = bptt_step(model, batch, args.ctx_len)
+    proxy.backward()
+    optimizer.step()
+    seconds = time.perf_counter() - t0
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    out = {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mb": rss_before,
+        "seconds": seconds,
+        "optimizer_state_bytes": state,
+        "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    print(json.dumps(out))
+
+
+def run_child(args, mode: str, tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "step", "--mode", mode, "--tokens", str(tokens)]
+    for key in ("n_layer", "n_embd", "vocab_size", "ctx_len", "lora_r", "threads", "wkv_backend"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    done = subprocess.run(cmd, env={**os.environ, **TAME_MALLOC}, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"child failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cmd_compare(args) -> None:
+    lengths = [int(n) for n in args.lengths.split(",")]
+    print(
+        f"rwkv7 L{args.n_layer} C{args.n_embd} V{args.vocab_size}, ctx_len {args.ctx_len}, "
+        f"lora r={args.lora_r}, fp32, CPU threads {args.threads}; one step + AdamW step per fresh process"
+    )
+    cols = "".join(f"{'peak MB ' + str(n // 1024) + 'k':>14}" for n in lengths)
+    print(f"{'mode':6}{'trained':>12}{'opt. state MB':>15}{cols}{'ratio':>8}{'tok/s ' + str(lengths[0]):>14}")
+    for mode in args.modes.split(","):
+        runs = [run_child(args, mode, n) for n in lengths]
+        peaks = "".join(f"{r['peak_rss_mb']:>14.0f}" for r in runs)
+        ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
+        rate = lengths[0] / runs[0]["seconds"]
+        state = runs[0]["optimizer_state_bytes"] / 2**20
+        print(f"{mode:6}{runs[0]['trained']:>12,}{state:>15.2f}{peaks}{ratio:>8.2f}{rate:>14.0f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    specs = {
+        "exactness": {"n_layer": 2, "n_embd": 64, "vocab_size": 1000, "tokens": 1024},
+        "compare": {
+            "n_layer": 2,
+            "n_embd": 256,
+            "vocab_size": 1024,
+            "lengths": "4096,65536",
+            "modes": "full,lora",
+        },
+        "step": {"n_layer": 2, "n_embd": 256, "vocab_size": 1024, "tokens": 4096, "mode": "full"},
+    }
+    for name, defaults in specs.items():
+        p = sub.add_parser(name)
+        for key, value in defaults.items():
+            p.add_argument(f"--{key}", type=type(value), default=value)
+        p.add_argument("--ctx_len", type=int, default=512)
+        p.add_argument("--lora_r", type=int, default=32)
+        p.add_argument("--threads", type=int, default=torch.get_num_threads())
+        p.add_argument("--wkv_backend", default="chunked")
+        p.add_argument("--arch", default="rwkv7")
+    args = parser.parse_args()
+    {"exactness": cmd_exactness, "compare": cmd_compare, "step": cmd_step}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
