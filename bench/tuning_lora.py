@@ -8,6 +8,8 @@ memory, tokens/s, optimizer-state bytes, and peak memory at 64k ÷ 4k tokens.
 RWKV-7 of bench/bptt.py's stand-in size (L2 C256 V1024, ctx_len 512, fp32, the chunked WKV op),
 with glibc's allocator tamed as in bench/bptt.py's `memory` so that peak RSS reflects live memory.
 The optimizer state is counted after the step: AdamW's moments of every parameter that trains.
+Columns: start (RSS before the step: interpreter, imports, peft in every mode, model, batch), peak
+RSS and peak − start ("step") per length, peak 64k ÷ peak 4k, and tokens/s of that one step.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def cmd_exactness(args) -> None:
 def cmd_step(args) -> None:
     """One measured step in this process; prints a JSON line."""
     torch.set_num_threads(args.threads)
+    import peft  # noqa: F401  (in every mode: its import, ~40 MB of RSS, is not the mode's memory)
+
     model = lora_model(args) if args.mode == "lora" else make_model(args)
     batch = make_batch([args.tokens], args.vocab_size, seed=1)
     optimizer = make_optimizer(model, OptimConfig(lr_init=1e-4))
@@ -110,15 +114,18 @@ def cmd_compare(args) -> None:
         f"rwkv7 L{args.n_layer} C{args.n_embd} V{args.vocab_size}, ctx_len {args.ctx_len}, "
         f"lora r={args.lora_r}, fp32, CPU threads {args.threads}; one step + AdamW step per fresh process"
     )
-    cols = "".join(f"{'peak MB ' + str(n // 1024) + 'k':>14}" for n in lengths)
-    print(f"{'mode':6}{'trained':>12}{'opt. state MB':>15}{cols}{'ratio':>8}{'tok/s ' + str(lengths[0]):>14}")
+    cols = "".join(f"{'peak ' + str(n // 1024) + 'k':>10}{'step':>7}" for n in lengths)
+    tps = "".join(f"{'tok/s ' + str(n // 1024) + 'k':>11}" for n in lengths)
+    print(f"{'mode':6}{'trained':>11}{'opt. MB':>9}{'start':>7}{cols}{'ratio':>7}{tps}   (RSS, MB)")
     for mode in args.modes.split(","):
         runs = [run_child(args, mode, n) for n in lengths]
-        peaks = "".join(f"{r['peak_rss_mb']:>14.0f}" for r in runs)
+        peaks = [(r["peak_rss_mb"], r["peak_rss_mb"] - r["rss_before_mb"]) for r in runs]
+        cells = "".join(f"{peak:>10.0f}{step:>7.0f}" for peak, step in peaks)
         ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
-        rate = lengths[0] / runs[0]["seconds"]
-        state = runs[0]["optimizer_state_bytes"] / 2**20
-        print(f"{mode:6}{runs[0]['trained']:>12,}{state:>15.2f}{peaks}{ratio:>8.2f}{rate:>14.0f}", flush=True)
+        rates = "".join(f"{n / r['seconds']:>11.0f}" for n, r in zip(lengths, runs, strict=True))
+        state, start = runs[0]["optimizer_state_bytes"] / 2**20, runs[0]["rss_before_mb"]
+        row = f"{mode:6}{runs[0]['trained']:>11,}{state:>9.2f}{start:>7.0f}{cells}{ratio:>7.2f}{rates}"
+        print(row, flush=True)
 
 
 def main() -> None:

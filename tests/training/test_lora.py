@@ -135,6 +135,8 @@ def test_module_lora_options_refused_in_one_line():
         ({"lora_train_also": ["nothing"]}, "model.lora_train_also: 'nothing'"),
         ({"train_mode": "partial"}, "model.train_mode: 'partial'"),
         ({"lora_init": "pissa", "load_adapter": "x"}, "model.load_adapter: x"),
+        ({"train_mode": "full", "load_adapter": "x"}, "model.load_adapter: 'x' is set, but model.train_mode"),
+        ({"train_mode": "full", "lora_train_also": ["ln"]}, "model.lora_train_also: ['ln'] is set"),
     ]
     for options, start in bad:
         with pytest.raises(UserError) as e:

@@ -43,7 +43,7 @@ from rwkv_infctx.training.segments import (
     evaluate_loss,
 )
 from rwkv_infctx.training.tuning import TrainMode, check_train_mode
-from rwkv_infctx.training.tuning.lora import LoraInit, LoraOptions, apply_lora, merged_state_dict
+from rwkv_infctx.training.tuning.lora import LoraInit, apply_lora, lora_options, merged_state_dict
 from rwkv_infctx.training.wkv_flops import counting_backend, declare_wkv_work
 
 
@@ -219,17 +219,10 @@ class RWKVModule(pl.LightningModule):
             wkv_self_check=wkv_self_check,
         )
         check_train_mode(train_mode, family_of(self.model).name)
-        if train_mode == "lora":
-            options = LoraOptions(
-                lora_r,
-                lora_alpha,
-                lora_dropout,
-                None if lora_targets is None else tuple(lora_targets),
-                lora_init,
-                tuple(lora_train_also or ()),
-                load_adapter,
-            )
-            apply_lora(self.model, options, seed)
+        lora_args = (lora_r, lora_alpha, lora_dropout, lora_targets, lora_init, lora_train_also)
+        lora = lora_options(train_mode, *lora_args, load_adapter)
+        if lora is not None:
+            apply_lora(self.model, lora, seed)
         elif train_mode == "state":
             raise UserError("model.train_mode: state is not part of this build (expected full or lora)")
         self.last_report: StepReport | None = None

@@ -53,6 +53,32 @@ class LoraOptions:
             )
 
 
+def lora_options(
+    train_mode: str,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str] | None,
+    init: LoraInit,
+    train_also: list[str] | None,
+    load_adapter: str | None,
+) -> LoraOptions | None:
+    """The `model.lora_*` settings as LoraOptions in lora mode; None in any other mode, where a LoRA
+    setting that is set (not its default) is refused in one line rather than ignored."""
+    if train_mode != "lora":
+        unused = {"lora_targets": targets, "lora_train_also": train_also or None}
+        unused |= {"lora_init": None if init == "default" else init, "load_adapter": load_adapter}
+        for key, value in unused.items():
+            if value is not None:
+                raise UserError(
+                    f"model.{key}: {value!r} is set, but model.train_mode is {train_mode} "
+                    "(expected train_mode: lora, or leave it unset)"
+                )
+        return None
+    targets = None if targets is None else tuple(targets)
+    return LoraOptions(r, alpha, dropout, targets, init, tuple(train_also or ()), load_adapter)
+
+
 def resolve_targets(model: nn.Module, targets: tuple[str, ...] | None) -> tuple[str, ...]:
     """The target suffixes (the family's default when None), each checked to name a Linear layer."""
     family = family_of(model)
