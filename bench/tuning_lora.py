@@ -3,6 +3,7 @@ memory, tokens/s, optimizer-state bytes, and peak memory at 64k ÷ 4k tokens.
 
     python bench/tuning_lora.py exactness   # adapter gradients, 4 segments vs one pass, both families
     python bench/tuning_lora.py compare     # full vs lora: one fresh process per (mode, length)
+    python bench/tuning_lora.py speed       # tokens/s, full and lora alternating in one process
 
 `compare` runs one training step (segmented exact BPTT, then an AdamW step) per child process, on an
 RWKV-7 of bench/bptt.py's stand-in size (L2 C256 V1024, ctx_len 512, fp32, the chunked WKV op),
@@ -128,6 +129,33 @@ def cmd_compare(args) -> None:
         print(row, flush=True)
 
 
+def cmd_speed(args) -> None:
+    """Both modes in one process, steps alternating (load from other processes hits both alike),
+    best of `repeat`, after one unmeasured warm-up step each."""
+    torch.set_num_threads(args.threads)
+    modes = args.modes.split(",")
+    models = {m: lora_model(args) if m == "lora" else make_model(args) for m in modes}
+    optimizers = {m: make_optimizer(models[m], OptimConfig(lr_init=1e-4)) for m in modes}
+    batch = make_batch([args.tokens], args.vocab_size, seed=1)
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(args.repeat + 1):
+        for m in modes:
+            t0 = time.perf_counter()
+            proxy, _ = bptt_step(models[m], batch, args.ctx_len)
+            proxy.backward()
+            optimizers[m].step()
+            optimizers[m].zero_grad(set_to_none=True)
+            if i:
+                seconds[m].append(time.perf_counter() - t0)
+    rates = {m: args.tokens / min(t) for m, t in seconds.items()}
+    print(
+        f"rwkv7 L{args.n_layer} C{args.n_embd} V{args.vocab_size}, ctx_len {args.ctx_len}, {args.tokens} "
+        f"tokens, lora r={args.lora_r}, fp32, CPU threads {args.threads}; best of {args.repeat}, alternating"
+    )
+    print("  ".join(f"{m} {r:.0f} tok/s" for m, r in rates.items()), end="")
+    print(f"; lora/full {rates['lora'] / rates['full']:.2f}" if {"full", "lora"} <= rates.keys() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,6 +171,14 @@ def main() -> None:
             "modes": "full,lora",
         },
         "step": {"n_layer": 2, "n_embd": 256, "vocab_size": 1024, "tokens": 4096, "mode": "full"},
+        "speed": {
+            "n_layer": 2,
+            "n_embd": 256,
+            "vocab_size": 1024,
+            "tokens": 4096,
+            "modes": "full,lora",
+            "repeat": 3,
+        },
     }
     for name, defaults in specs.items():
         p = sub.add_parser(name)
@@ -154,7 +190,8 @@ def main() -> None:
         p.add_argument("--wkv_backend", default="chunked")
         p.add_argument("--arch", default="rwkv7")
     args = parser.parse_args()
-    {"exactness": cmd_exactness, "compare": cmd_compare, "step": cmd_step}[args.cmd](args)
+    commands = {"exactness": cmd_exactness, "compare": cmd_compare, "step": cmd_step, "speed": cmd_speed}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
