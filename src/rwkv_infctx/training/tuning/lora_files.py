@@ -83,12 +83,15 @@ def load_adapter_weights(model: nn.Module, folder: str | Path, key: str) -> None
     config, sd = read_adapter(folder, key)
     ours = model.peft_config[ADAPTER]
     _check_layers(adapted_modules(sd), set(lora_layers(model)), folder, key, family_of(model).title)
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if getattr(config, pattern, None):
+            raise UserError(f"{key} {folder}: adapter with a per-layer {pattern} (expected one r and alpha)")
     for field, option in (("r", "lora_r"), ("lora_alpha", "lora_alpha")):
         theirs = getattr(config, field)
-        if theirs != getattr(ours, field) or getattr(config, "rank_pattern", None):
+        if theirs != getattr(ours, field):
             raise UserError(
-                f"{key} {folder}: adapter {field} {theirs} (per-layer {config.rank_pattern or 'none'}), but "
-                f"this run has {getattr(ours, field)} (expected model.{option} to match the adapter)"
+                f"{key} {folder}: adapter {field} {theirs}, but this run has {getattr(ours, field)} "
+                f"(expected model.{option} to match the adapter)"
             )
     _set_weights(set_peft_model_state_dict, model, sd, folder, key)
 
