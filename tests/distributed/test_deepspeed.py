@@ -15,9 +15,10 @@ from rwkv_infctx.cli import main
 from rwkv_infctx.data.collator import collate
 from rwkv_infctx.io.model_file import load_model, read_state_dict, save_model
 from rwkv_infctx.training.segments import bptt_step
+from rwkv_infctx.training.tuning.lora import LoraOptions, apply_lora, base_state_dict
 from tests.conftest import family_config, random_family_model
 from tests.distributed.launch import run_ranks
-from tests.distributed.worker import synthetic_samples
+from tests.distributed.worker import LORA_OPTIONS, synthetic_samples
 from tests.training.batches import rel
 
 pytest.importorskip("deepspeed")
@@ -104,3 +105,62 @@ def test_stage_trains_exactly_and_exports(family, strategy, init_model, tmp_path
         reference = sgd_reference(init_model, LR[family])
         for k, v in reference.items():
             assert rel(trained[0][k] - initial[k], v - initial[k]) <= 1e-4, (k, rel(trained[0][k], v))
+
+
+LORA_LR = 20.0
+"""A's first update waits for B (zero at the start) to move: at 2.0 it is ~1e-4 of A's values, too few
+fp32 ulps to resolve a 1e-4 relative difference of the update."""
+
+
+@pytest.mark.slow
+def test_zero2_lora_trains_exactly_and_exports(init_models, tmp_path):
+    """train_mode lora under ZeRO-2 (RWKV-7): the base weights stay as loaded, the adapters take the
+    SGD steps of one process on the global batch, and the checkpoint folder exports merged (equal to
+    model.export at the end of fit) and as a peft adapter folder."""
+    family = "rwkv7"
+    init_model = init_models.get(family) or save_model(
+        random_family_model(family_config(family, vocab_size=100)), tmp_path / "init.pth", "fp32"
+    )
+    lengths = ",".join(map(str, LENGTHS))
+    args = [
+        "deepspeed_stage_2",
+        str(tmp_path),
+        str(init_model),
+        lengths,
+        "--steps",
+        "2",
+        "--optimizer",
+        "sgd",
+    ]
+    run_ranks([*args, "--ctx_len", str(CTX_LEN), "--lr", str(LORA_LR), "--train_mode", "lora"])
+
+    trained = [torch.load(tmp_path / f"final_rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0]), "ranks disagree"
+    initial = read_state_dict(init_model)
+    assert base_state_dict(trained[0]).keys() == initial.keys()
+    assert all(torch.equal(v, initial[k]) for k, v in base_state_dict(trained[0]).items()), "base changed"
+
+    reference = load_model(init_model)
+    apply_lora(reference, LoraOptions(**{k.removeprefix("lora_"): v for k, v in LORA_OPTIONS.items()}))
+    start = {k: v.clone() for k, v in reference.state_dict().items()}
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    for step in range(2):
+        proxy, _ = bptt_step(
+            reference, collate(synthetic_samples(LENGTHS, 100)[2 * step : 2 * step + 2]), CTX_LEN
+        )
+        proxy.backward()
+        with torch.no_grad():
+            for p in trainable:
+                p -= LORA_LR * p.grad
+                p.grad = None
+    for k, v in reference.state_dict().items():
+        if ".lora_" in k:
+            assert rel(trained[0][k] - start[k], v - start[k]) <= 1e-4, k
+
+    ckpt, out = tmp_path / "last.ckpt", tmp_path / "out.pth"
+    assert main(["export", str(ckpt), str(out), "--dtype", "fp32"]) == 0
+    merged, fit_export = read_state_dict(out), read_state_dict(tmp_path / "fit_export.pth")
+    assert merged.keys() == initial.keys()
+    assert all(torch.equal(v, fit_export[k]) for k, v in merged.items())
+    assert main(["export", str(ckpt), str(tmp_path / "adapter"), "--adapter_only"]) == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

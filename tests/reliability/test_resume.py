@@ -25,7 +25,12 @@ EVERY_STEP = {
 }
 
 
-def config_for(root: Path, corpus, family: str) -> Path:
+LORA = {"model.train_mode": "lora", "model.lora_r": 4, "model.lora_dropout": 0.1}
+"""lora mode: adapters (with their own dropout) on the projections, the norms trained in full too."""
+
+
+def config_for(root: Path, corpus, family: str, train_mode: str = "full") -> Path:
+    mode = {**LORA, "model.lora_train_also": ["ln"]} if train_mode == "lora" else {}
     cfg = fit_config(
         root,
         *corpus,
@@ -35,6 +40,7 @@ def config_for(root: Path, corpus, family: str) -> Path:
             "trainer.callbacks": [EVERY_STEP],
             "model.export": str(root / "final.pth"),
             "model.export_dtype": "fp32",
+            **mode,
         },
     )
     return write_config(root / "fit.yaml", cfg)
@@ -72,9 +78,15 @@ def run_and_kill(config: Path, root: Path, kill_after: int) -> None:
 @pytest.mark.slow
 # RWKV-7 at a random step only: the epoch boundary (the data cursor) is the same for both families
 @pytest.mark.parametrize(
-    ("family", "where"), [("rwkv4", "epoch_end"), ("rwkv4", "random_step"), ("rwkv7", "random_step")]
+    ("family", "where", "train_mode"),
+    [
+        ("rwkv4", "epoch_end", "full"),
+        ("rwkv4", "random_step", "full"),
+        ("rwkv7", "random_step", "full"),
+        ("rwkv7", "random_step", "lora"),  # the final file is the merged model
+    ],
 )
-def test_kill_and_resume_is_bit_identical(family, where, corpus, tmp_path):
+def test_kill_and_resume_is_bit_identical(family, where, train_mode, corpus, tmp_path):
     """Killed right after the checkpoint that closes epoch 0, or after a random step's checkpoint."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     straight.mkdir()
@@ -83,10 +95,12 @@ def test_kill_and_resume_is_bit_identical(family, where, corpus, tmp_path):
     kill_after = STEPS_PER_EPOCH if where == "epoch_end" else mid_run
     print(f"killing after the checkpoint of step {kill_after}")
 
-    done = subprocess.run(fit_command(config_for(straight, corpus, family)), env=ENV, capture_output=True)
+    done = subprocess.run(
+        fit_command(config_for(straight, corpus, family, train_mode)), env=ENV, capture_output=True
+    )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
 
-    config = config_for(broken, corpus, family)
+    config = config_for(broken, corpus, family, train_mode)
     run_and_kill(config, broken, kill_after)
     assert not (broken / "final.pth").exists()
     resumed = subprocess.run(fit_command(config, "--ckpt_path", "auto"), env=ENV, capture_output=True)

@@ -6,6 +6,9 @@ from the keys), and written atomically as `.pth` (or `.safetensors`) in bf16 or 
 
 A DeepSpeed checkpoint is a folder (one file per rank under ZeRO); DeepSpeed's own
 `get_fp32_state_dict_from_zero_checkpoint` consolidates its shards into full fp32 weights.
+
+A checkpoint of `model.train_mode: lora` is written merged, or with `--adapter_only` as the adapter
+alone in peft's folder format (`commands.export_lora`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from rwkv_infctx.commands.export_lora import run_lora_export
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import (
     _strip_prefixes,
@@ -23,21 +27,32 @@ from rwkv_infctx.io.model_file import (
     save_state_dict,
 )
 from rwkv_infctx.model.registry import family_of
+from rwkv_infctx.training.tuning.lora import has_adapters
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "ckpt", type=Path, help="checkpoint written by `rwkv-infctx fit`: a .ckpt file or a DeepSpeed folder"
     )
-    parser.add_argument("out", type=Path, help="model file to write (.pth, or .safetensors)")
+    parser.add_argument(
+        "out", type=Path, help="model file to write (.pth, or .safetensors); with --adapter_only a folder"
+    )
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="default: bf16")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    parser.add_argument(
+        "--adapter_only",
+        action="store_true",
+        help="a checkpoint of train_mode lora: write its adapter alone as a peft folder "
+        "(adapter_model.safetensors + adapter_config.json) instead of the merged model",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise UserError(f"output {args.out}: already exists (use --force to overwrite)")
     sd = read_deepspeed_checkpoint(args.ckpt) if args.ckpt.is_dir() else read_state_dict(args.ckpt)
+    if args.adapter_only or has_adapters(sd):
+        return run_lora_export(args, sd)
     model = model_from_state_dict(sd, args.ckpt)  # checks the keys and shapes of its family
     cfg = model.cfg
     save_state_dict(model.state_dict(), args.out, args.dtype)

@@ -66,3 +66,39 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success its files are fsynced and it is
+    renamed onto `path` (an existing folder there is replaced only with `replace`, after the new one
+    is complete). On any exception the temporary folder is removed and `path` is left untouched."""
+    import shutil
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output {path}: folder {folder} does not exist")
+    if path.exists() and not (replace and path.is_dir()):
+        raise UserError(f"output {path}: already exists" + ("" if replace else " (expected a new name)"))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    except OSError as e:
+        raise UserError(f"output {path}: cannot write in {folder} ({e.strerror})") from None
+    old = None
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb+") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists() and replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=folder))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -23,6 +23,8 @@ class ModelFamily:
     markers: state-dict keys any one of which identifies a file of this family.
     optional_keys: keys a file may lack (filled from a fresh module; e.g. RWKV-7 layer 0's unused
         value-residual vectors).
+    lora_targets: the nn.Linear suffixes that `model.train_mode: lora` adapts by default (every
+        time-mix and channel-mix projection).
     infer_config: (state dict, path, **options) -> config, from the tensor shapes.
     init_weights: (model, seed) -> model, the family's initialisation from scratch, in place.
     optim_rule: (parameter name, parameter, layerwise_lr) -> (learning-rate scale, weight decay on?).
@@ -44,6 +46,7 @@ class ModelFamily:
     forward_flops_per_token: Callable[[Any], float]
     wkv_flops_per_token: Callable[[Any], float]
     optional_keys: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()
 
     def detects(self, sd: Mapping[str, Tensor]) -> bool:
         """Whether a state dict's keys mark it as this family's."""

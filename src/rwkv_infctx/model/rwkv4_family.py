@@ -66,4 +66,13 @@ FAMILY = ModelFamily(
     optim_rule=optim_rule,
     forward_flops_per_token=forward_flops_per_token,
     wkv_flops_per_token=wkv_flops_per_token,
+    lora_targets=(
+        "att.key",
+        "att.value",
+        "att.receptance",
+        "att.output",
+        "ffn.key",
+        "ffn.value",
+        "ffn.receptance",
+    ),
 )

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from rwkv_infctx.errors import UserError
-from rwkv_infctx.io.model_file import save_model
+from rwkv_infctx.io.model_file import save_state_dict
 from rwkv_infctx.model.registry import family_of
 from rwkv_infctx.training.boundary_states import BoundaryPlace, check_boundary_place
 from rwkv_infctx.training.build import build_model
@@ -42,6 +42,8 @@ from rwkv_infctx.training.segments import (
     check_token_ids,
     evaluate_loss,
 )
+from rwkv_infctx.training.tuning import TrainMode, check_train_mode
+from rwkv_infctx.training.tuning.lora import LoraInit, apply_lora, lora_options, merged_state_dict
 from rwkv_infctx.training.wkv_flops import counting_backend, declare_wkv_work
 
 
@@ -106,6 +108,19 @@ class RWKVModule(pl.LightningModule):
             of all its micro-batches on all ranks (the update of one process holding all its samples
             in one micro-batch); micro_batch_tokens: each micro-step is the mean over its own tokens
             (all ranks) and the step the mean of its micro-steps (`training.loss_norm`).
+        train_mode: full: every weight; lora: peft LoRA adapters on the family's projections, base
+            frozen; state: RWKV-7 only, a trained initial WKV state per layer, every weight frozen.
+        lora_r: lora: the adapters' rank.
+        lora_alpha: lora: the adapters' alpha (their output is scaled by alpha / r).
+        lora_dropout: lora: dropout on the adapters' input (0 disables it).
+        lora_targets: lora: module-name suffixes of the linear layers to adapt (att.key, ffn.value,
+            ...); null: the family's default, every time-mix and channel-mix projection.
+        lora_init: lora: default (peft's: A random, B zero) or pissa (A, B from the weights' SVD; the
+            base keeps the residual).
+        lora_train_also: lora: parameters trained in full besides the adapters: every parameter whose
+            name contains one of these strings (ln, att.x_, att.w0, ...).
+        load_adapter: lora: a peft adapter folder (adapter_config.json + adapter_model.safetensors)
+            whose weights the adapters start from (same targets, rank and alpha).
     """
 
     def __init__(
@@ -149,6 +164,14 @@ class RWKVModule(pl.LightningModule):
         peak_tflops: float | None = None,
         nan_policy: NanPolicy = "stop",
         loss_normalization: LossNormalization = "step_tokens",
+        train_mode: TrainMode = "full",
+        lora_r: int = 32,
+        lora_alpha: float = 32.0,
+        lora_dropout: float = 0.0,
+        lora_targets: list[str] | None = None,
+        lora_init: LoraInit = "default",
+        lora_train_also: list[str] | None = None,
+        load_adapter: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -195,6 +218,13 @@ class RWKVModule(pl.LightningModule):
             arch=arch,
             wkv_self_check=wkv_self_check,
         )
+        check_train_mode(train_mode, family_of(self.model).name)
+        lora_args = (lora_r, lora_alpha, lora_dropout, lora_targets, lora_init, lora_train_also)
+        lora = lora_options(train_mode, *lora_args, load_adapter)
+        if lora is not None:
+            apply_lora(self.model, lora, seed)
+        elif train_mode == "state":
+            raise UserError("model.train_mode: state is not part of this build (expected full or lora)")
         self.last_report: StepReport | None = None
         self._zero3 = False
         self._compiled = False
@@ -303,7 +333,9 @@ class RWKVModule(pl.LightningModule):
             if self.trainer.is_global_zero:
                 path = Path(self.hparams.export)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                save_model(self.model, path, self.hparams.export_dtype)
+                lora = self.hparams.train_mode == "lora"
+                sd = merged_state_dict(self.model) if lora else self.model.state_dict()
+                save_state_dict(sd, path, self.hparams.export_dtype)
                 rank_zero_info(f"exported the final model to {path} ({self.hparams.export_dtype})")
 
 

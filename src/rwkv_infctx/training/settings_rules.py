@@ -309,6 +309,11 @@ RULES: tuple[Rule, ...] = (
     number("model.peak_tflops", 0.0, low_open=True, null=True),
     choice("model.nan_policy", "stop", "skip"),
     choice("model.loss_normalization", "step_tokens", "micro_batch_tokens"),
+    choice("model.train_mode", "full", "lora", "state"),
+    integer("model.lora_r", 1),
+    number("model.lora_alpha", 0.0, low_open=True),
+    number("model.lora_dropout", 0.0, low_open=False, high=1.0, high_open=True),
+    choice("model.lora_init", "default", "pissa"),
     # data: what to learn
     integer("data.min_token_size", 1, null=True),
     integer("data.max_token_size", 1, null=True),

@@ -94,4 +94,5 @@ FAMILY = ModelFamily(
     forward_flops_per_token=forward_flops_per_token,
     wkv_flops_per_token=wkv_flops_per_token,
     optional_keys=("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"),
+    lora_targets=("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"),
 )
