@@ -34,7 +34,14 @@ from rwkv_infctx.training.loss_norm import (
     loss_norm,
 )
 from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
-from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
+from rwkv_infctx.training.optim import (
+    DecayName,
+    OptimConfig,
+    OptimizerName,
+    make_optimizer,
+    make_scheduler,
+    state_lr_scale,
+)
 from rwkv_infctx.training.segments import (
     BpttMode,
     StepReport,
@@ -42,6 +49,8 @@ from rwkv_infctx.training.segments import (
     check_token_ids,
     evaluate_loss,
 )
+from rwkv_infctx.training.tuning import TrainMode, check_train_mode
+from rwkv_infctx.training.tuning.state import apply_state_tuning, save_initial_state
 from rwkv_infctx.training.wkv_flops import counting_backend, declare_wkv_work
 
 
@@ -96,7 +105,8 @@ class RWKVModule(pl.LightningModule):
             elsewhere), chunked, fla (RWKV-7, GPU), triton (RWKV-4, GPU) or reference (debugging).
         wkv_self_check: A fast kernel (fla, Triton) checks itself at first use against the chunked op;
             on failure: warn (one warning, then the chunked op), error (stop) or off (no check).
-        export: Path of the RWKV-LM .pth written at the end of fit (null: none).
+        export: Path of the RWKV-LM .pth written at the end of fit (null: none); with train_mode
+            state, the state file instead.
         export_dtype: dtype of that file: bf16 or fp32.
         peak_tflops: Accelerator peak TFLOP/s for the logged MFU (3 × forward FLOPs per token ×
             tokens/s over peak); null looks up known GPUs (H100/H200 989, A100 312, ...); no MFU on
@@ -106,6 +116,12 @@ class RWKVModule(pl.LightningModule):
             of all its micro-batches on all ranks (the update of one process holding all its samples
             in one micro-batch); micro_batch_tokens: each micro-step is the mean over its own tokens
             (all ranks) and the step the mean of its micro-steps (`training.loss_norm`).
+        train_mode: full: every weight; lora: peft LoRA adapters on the family's projections, base
+            frozen; state: RWKV-7 only, a trained initial WKV state per layer, every weight frozen.
+        state_lr: state: the initial states' learning rate after warmup (no weight decay); the
+            schedule scales it as it scales lr_init (so lr_init must be above 0).
+        load_state: state: a state file (as `export` writes it) whose states training starts from;
+            null: zeros.
     """
 
     def __init__(
@@ -149,6 +165,9 @@ class RWKVModule(pl.LightningModule):
         peak_tflops: float | None = None,
         nan_policy: NanPolicy = "stop",
         loss_normalization: LossNormalization = "step_tokens",
+        train_mode: TrainMode = "full",
+        state_lr: float = 1.0,
+        load_state: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -173,6 +192,7 @@ class RWKVModule(pl.LightningModule):
             adam_eps,
             weight_decay,
             layerwise_lr,
+            state_lr=state_lr,
         )
         dims = {
             "n_layer": n_layer,
@@ -195,6 +215,15 @@ class RWKVModule(pl.LightningModule):
             arch=arch,
             wkv_self_check=wkv_self_check,
         )
+        check_train_mode(train_mode, family_of(self.model).name)
+        if train_mode == "state":
+            state_lr_scale(self.optim)  # refuses lr_init 0 now, not when the optimizer is built
+            apply_state_tuning(self.model, load_state)
+        elif load_state is not None:
+            raise UserError(
+                f"model.load_state: {load_state} is set, but model.train_mode is {train_mode} "
+                "(expected train_mode: state)"
+            )
         self.last_report: StepReport | None = None
         self._zero3 = False
         self._compiled = False
@@ -303,6 +332,10 @@ class RWKVModule(pl.LightningModule):
             if self.trainer.is_global_zero:
                 path = Path(self.hparams.export)
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if self.hparams.train_mode == "state":  # a state file: the weights did not change
+                    save_initial_state(self.model, path)
+                    rank_zero_info(f"exported the final initial states to {path} (a state file, fp32)")
+                    return
                 save_model(self.model, path, self.hparams.export_dtype)
                 rank_zero_info(f"exported the final model to {path} ({self.hparams.export_dtype})")
 
