@@ -12,6 +12,12 @@ from pathlib import Path
 
 import torch
 
+from rwkv_infctx.commands.state_option import (
+    add_state_argument,
+    states_per_model,
+    with_state,
+    with_state_name,
+)
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.evaluation.positions import evaluate
 from rwkv_infctx.evaluation.report import Results, format_table, write_csv, write_png
@@ -40,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", nargs="+", help="one name per model (default: file names)")
     parser.add_argument("--out_csv", type=Path, help="write the results here (long format)")
     parser.add_argument("--out_png", type=Path, help="plot loss against position here")
+    add_state_argument(parser, per_model=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -68,16 +75,20 @@ def _labels(args: argparse.Namespace) -> list[str]:
     if args.labels is not None:
         labels = list(args.labels)
     else:
-        stems = [p.stem for p in args.models]
-        labels = stems if len(set(stems)) == len(stems) else [str(p) for p in args.models]
+        states = states_per_model(args.state, len(args.models))
+        stems = [with_state_name(p.stem, s) for p, s in zip(args.models, states, strict=True)]
+        paths = [with_state_name(str(p), s) for p, s in zip(args.models, states, strict=True)]
+        labels = stems if len(set(stems)) == len(stems) else paths
     if len(set(labels)) != len(labels):
         raise UserError(f"--labels: {labels} repeat a name (expected one distinct label per model)")
     return labels
 
 
-def _load_models(paths: list[Path], device: str) -> list[RWKVModel]:
-    """Load every model (errors before any evaluation) and require one vocabulary size."""
-    models = [load_model(p).to(device) for p in paths]
+def _load_models(paths: list[Path], device: str, states: list[str] | None = None) -> list[RWKVModel]:
+    """Load every model, with its state file if any (errors before any evaluation), and require one
+    vocabulary size."""
+    files = states_per_model(states, len(paths))
+    models = [with_state(load_model(p), s).to(device) for p, s in zip(paths, files, strict=True)]
     sizes = {str(p): m.cfg.vocab_size for p, m in zip(paths, models, strict=True)}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{p} {v}" for p, v in sizes.items())
@@ -99,7 +110,7 @@ def _check_samples(data: Samples, paths: list[Path], models: list[RWKVModel]) ->
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     labels = _labels(args)
-    models = _load_models(args.models, args.device)
+    models = _load_models(args.models, args.device, args.state)
     if args.data is not None:
         data = from_data_config(args.data, args.max_tokens)
     else:

@@ -6,6 +6,8 @@ from the keys), and written atomically as `.pth` (or `.safetensors`) in bf16 or 
 
 A DeepSpeed checkpoint is a folder (one file per rank under ZeRO); DeepSpeed's own
 `get_fp32_state_dict_from_zero_checkpoint` consolidates its shards into full fp32 weights.
+
+A checkpoint of `model.train_mode: state` is written as a state file (`commands.export_state`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from rwkv_infctx.commands.export_state import run_state_export
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import (
     _strip_prefixes,
@@ -23,13 +26,18 @@ from rwkv_infctx.io.model_file import (
     save_state_dict,
 )
 from rwkv_infctx.model.registry import family_of
+from rwkv_infctx.training.tuning.state import checkpoint_states
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "ckpt", type=Path, help="checkpoint written by `rwkv-infctx fit`: a .ckpt file or a DeepSpeed folder"
     )
-    parser.add_argument("out", type=Path, help="model file to write (.pth, or .safetensors)")
+    parser.add_argument(
+        "out",
+        type=Path,
+        help="model file to write (.pth, or .safetensors); of a state-mode checkpoint a state .pth",
+    )
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="default: bf16")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
 
@@ -38,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise UserError(f"output {args.out}: already exists (use --force to overwrite)")
     sd = read_deepspeed_checkpoint(args.ckpt) if args.ckpt.is_dir() else read_state_dict(args.ckpt)
+    states = checkpoint_states(sd)
+    if states is not None:
+        return run_state_export(args, states)
     model = model_from_state_dict(sd, args.ckpt)  # checks the keys and shapes of its family
     cfg = model.cfg
     save_state_dict(model.state_dict(), args.out, args.dtype)

@@ -1,4 +1,4 @@
-"""`rwkv-infctx generate MODEL --prompt TEXT`: stream a continuation (the dragon test)."""
+"""`rwkv-infctx generate MODEL --prompt TEXT [--state FILE]`: stream a continuation (the dragon test)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from rwkv_infctx.commands.state_option import add_state_argument, with_state
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.generation import generate_text
 from rwkv_infctx.io.model_file import load_model
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     parser.add_argument("--top_p", type=float, default=0.85)
     parser.add_argument("--seed", type=int, default=0)
+    add_state_argument(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max_tokens {args.max_tokens}: expected a number ≥ 0")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p {args.top_p}: expected a value in (0, 1]")
-    model = load_model(args.model).to(args.device).eval()
+    model = with_state(load_model(args.model), args.state).to(args.device).eval()
     args.tokenizer = args.tokenizer or default_tokenizer(model.cfg.vocab_size)
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size > model.cfg.vocab_size:
