@@ -59,8 +59,8 @@ class OptimConfig:
             raise UserError(f"model.warmup_steps: {self.warmup_steps} (expected ≥ 0)")
         if self.weight_decay < 0:
             raise UserError(f"model.weight_decay: {self.weight_decay} (expected ≥ 0)")
-        if self.state_lr < 0:
-            raise UserError(f"model.state_lr: {self.state_lr} (expected ≥ 0)")
+        if not self.state_lr > 0:
+            raise UserError(f"model.state_lr: {self.state_lr} (expected a number > 0)")
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
