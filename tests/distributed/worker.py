@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.distributed.worker \
         STRATEGY OUT_DIR MODEL.pth LENGTHS [--steps N] [--optimizer sgd] [--accumulate K]
-        [--batch_size B] [--loss_normalization MODE[,MODE]] [--no-shuffle]
+        [--batch_size B] [--loss_normalization MODE[,MODE]] [--no-shuffle] [--train_mode state]
 
 Trains `MODEL.pth` with RWKVModule on synthetic samples of the given lengths (one per rank per step,
 in order: Lightning's DistributedSampler gives rank r the samples r, r + W, ...) and writes to
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--loss_normalization", default="step_tokens")
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="data: only")
+    parser.add_argument("--train_mode", default="full", help="state: S0 trained at --lr (state_lr)")
     args = parser.parse_args()
     modes = args.loss_normalization.split(",")
     for mode in modes:
@@ -121,6 +122,8 @@ def fit(args: argparse.Namespace, loss_normalization: str, out: Path) -> None:
         export=str(out / "fit_export.pth"),
         export_dtype="fp32",
         loss_normalization=loss_normalization,
+        train_mode=args.train_mode,
+        **({"state_lr": args.lr} if args.train_mode == "state" else {}),
     )
     if args.lengths.startswith("data:"):  # the project's datamodule (its rank-sharded sampler)
         path = args.lengths.removeprefix("data:")
