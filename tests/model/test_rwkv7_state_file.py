@@ -128,6 +128,10 @@ def test_export_of_a_state_mode_checkpoint(tmp_path, capsys):
     sd = torch.load(out, weights_only=True)
     assert sorted(sd) == [STATE_KEY.format(i) for i in range(2)]
     assert all(torch.equal(sd[STATE_KEY.format(i)], s) for i, s in enumerate(initial_states(module.model)))
+    assert main(["export", str(ckpt), str(tmp_path / "state.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a state file is a .pth" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "state.pth"]
 
 
 @pytest.mark.parametrize(

@@ -119,3 +119,11 @@ def test_state_mode_refuses_rwkv4_and_load_state_without_it(tmp_path):
         RWKVModule(arch="rwkv7", n_layer=2, n_embd=64, vocab_size=VOCAB, load_state=str(tmp_path / "s.pth"))
     with pytest.raises(UserError, match=r"^model\.lr_init: 0 with train_mode state"):
         RWKVModule(arch="rwkv7", n_layer=2, n_embd=64, vocab_size=VOCAB, train_mode="state", lr_init=0.0)
+
+
+def test_s0_stays_float32_in_a_bf16_model():
+    model = state_model().to(torch.bfloat16)  # what trainer.precision bf16-true does to the module
+    assert model.emb.weight.dtype == torch.bfloat16
+    assert all(s.dtype == torch.float32 for s in initial_states(model))
+    grad, _ = segmented_grad(model, make_batch([40], VOCAB, seed=7), 16)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().max() > 0

@@ -7,11 +7,12 @@ import argparse
 
 from torch import Tensor
 
-from rwkv_infctx.training.tuning.state_files import save_state_file
+from rwkv_infctx.training.tuning.state_files import check_state_file_name, save_state_file
 
 
 def run_state_export(args: argparse.Namespace, states: list[Tensor]) -> int:
     """Write the checkpoint's S0 (one (H, N, N) tensor per layer) to args.out, fp32 whatever --dtype."""
+    check_state_file_name(args.out, "output")
     save_state_file(states, args.out)
     H, N, _ = states[0].shape
     print(

@@ -218,7 +218,7 @@ class RWKVModule(pl.LightningModule):
         check_train_mode(train_mode, family_of(self.model).name)
         if train_mode == "state":
             state_lr_scale(self.optim)  # refuses lr_init 0 now, not when the optimizer is built
-            apply_state_tuning(self.model, load_state)
+            apply_state_tuning(self.model, load_state, export)
         elif load_state is not None:
             raise UserError(
                 f"model.load_state: {load_state} is set, but model.train_mode is {train_mode} "

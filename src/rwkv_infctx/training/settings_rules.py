@@ -309,6 +309,8 @@ RULES: tuple[Rule, ...] = (
     number("model.peak_tflops", 0.0, low_open=True, null=True),
     choice("model.nan_policy", "stop", "skip"),
     choice("model.loss_normalization", "step_tokens", "micro_batch_tokens"),
+    choice("model.train_mode", "full", "lora", "state"),
+    number("model.state_lr", 0.0, low_open=True),
     # data: what to learn
     integer("data.min_token_size", 1, null=True),
     integer("data.max_token_size", 1, null=True),

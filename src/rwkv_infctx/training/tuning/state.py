@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.model.registry import family_of
 from rwkv_infctx.model.rwkv7.initial_state import InitialState
-from rwkv_infctx.training.tuning.state_files import read_state_file, save_state_file
+from rwkv_infctx.training.tuning.state_files import check_state_file_name, read_state_file, save_state_file
 
 INIT_STATE_PREFIX = "init_state."
 """The state-dict prefix of S0 on the network (`init_state.wkv.{i}`)."""
@@ -44,8 +44,11 @@ def attach_initial_state(model: nn.Module, path: str | Path | None = None, what:
     return model
 
 
-def apply_state_tuning(model: nn.Module, load_state: str | None) -> None:
-    """Freeze every weight and attach a trainable S0 (zeros, or `load_state`'s)."""
+def apply_state_tuning(model: nn.Module, load_state: str | None, export: str | None = None) -> None:
+    """Freeze every weight and attach a trainable S0 (zeros, or `load_state`'s); `export`, the
+    state file fit will write, must be a .pth name."""
+    if export is not None:
+        check_state_file_name(export, "model.export")
     for p in model.parameters():
         p.requires_grad_(False)
     attach_initial_state(model, load_state)

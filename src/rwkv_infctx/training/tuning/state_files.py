@@ -23,9 +23,18 @@ STATE_KEY = "blocks.{}.att.time_state"
 _KEY_PATTERN = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
 
 
+def check_state_file_name(path: str | Path, what: str) -> None:
+    """UserError unless `path` names a .pth: a state file is torch.save's format, as runtimes read it."""
+    if Path(path).suffix == ".safetensors":
+        raise UserError(
+            f"{what}: {path} (a state file is a .pth written by torch.save; expected a .pth name)"
+        )
+
+
 def save_state_file(states: list[Tensor], path: str | Path) -> Path:
     """Write one (H, N, N) tensor per layer as a state file (float32, atomically)."""
     path = Path(path)
+    check_state_file_name(path, "state file")
     out = {
         STATE_KEY.format(i): s.detach().to("cpu", torch.float32).contiguous() for i, s in enumerate(states)
     }
