@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.distributed.worker \
         STRATEGY OUT_DIR MODEL.pth LENGTHS [--steps N] [--optimizer sgd] [--accumulate K]
-        [--batch_size B] [--loss_normalization MODE[,MODE]] [--no-shuffle] [--train_mode lora]
+        [--batch_size B] [--loss_normalization MODE[,MODE]] [--no-shuffle] [--train_mode lora|state]
 
 Trains `MODEL.pth` with RWKVModule on synthetic samples of the given lengths (one per rank per step,
 in order: Lightning's DistributedSampler gives rank r the samples r, r + W, ...) and writes to
@@ -102,7 +102,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--loss_normalization", default="step_tokens")
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True, help="data: only")
-    parser.add_argument("--train_mode", default="full", help="lora: rank-4 adapters (LORA_OPTIONS)")
+    parser.add_argument(
+        "--train_mode", default="full", help="lora: rank-4 adapters (LORA_OPTIONS); state: S0 at --lr"
+    )
     args = parser.parse_args()
     modes = args.loss_normalization.split(",")
     for mode in modes:
@@ -125,6 +127,7 @@ def fit(args: argparse.Namespace, loss_normalization: str, out: Path) -> None:
         loss_normalization=loss_normalization,
         train_mode=args.train_mode,
         **(LORA_OPTIONS if args.train_mode == "lora" else {}),
+        **({"state_lr": args.lr} if args.train_mode == "state" else {}),
     )
     if args.lengths.startswith("data:"):  # the project's datamodule (its rank-sharded sampler)
         path = args.lengths.removeprefix("data:")

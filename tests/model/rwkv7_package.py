@@ -5,7 +5,10 @@ RWKV-4 runs in that process), so it runs in its own interpreter. The package pri
 stdout, so results come back through a file. It appends `.pth` to the path itself.
 
 Jobs: {"one_pass": tokens} → (T, V) logits and the final state; {"step": tokens} → (T, V) logits fed
-one token at a time; {"greedy": (prompt, n)} → n greedy token ids after the prompt.
+one token at a time; {"greedy": (prompt, n)} → n greedy token ids after the prompt;
+{"from_state": (state file, tokens)} → (T, V) logits fed one token at a time from the package's state
+list with each layer's `blocks.{i}.att.time_state` put in as `state[3*i + 1]` (no transpose), the
+shifts zero: how RWKV-7 runtimes load a state-tuning file.
 """
 
 from __future__ import annotations
@@ -55,9 +58,25 @@ def _main(spec_path: str, out_path: str) -> None:
                 ids.append(int(torch.argmax(out)))
                 out, state = model.forward([ids[-1]], state)
             results[name] = ids
+        elif kind == "from_state":
+            state_path, tokens = job
+            state, rows = _state_list(model, torch.load(state_path, weights_only=True)), []
+            for token in tokens:
+                out, state = model.forward([token], state)
+                rows.append(out.clone())
+            results[name] = torch.stack(rows)
         else:
             raise ValueError(f"unknown job {name}")
     torch.save(results, out_path)
+
+
+def _state_list(model, sd: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The package's x070 state list (att shift, WKV, ffn shift per layer) with a state file's WKV."""
+    C = model.args.n_embd
+    state = []
+    for i in range(model.args.n_layer):
+        state += [torch.zeros(C), sd[f"blocks.{i}.att.time_state"].float().contiguous(), torch.zeros(C)]
+    return state
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from rwkv_infctx.commands.adapter_option import (
-    adapters_per_model,
-    add_adapter_argument,
-    with_adapter,
-    with_adapter_name,
+from rwkv_infctx.commands.tuning_options import (
+    Choice,
+    add_tuning_arguments,
+    choices_per_model,
+    labelled,
+    with_additions,
 )
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.evaluation.positions import evaluate
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", nargs="+", help="one name per model (default: file names)")
     parser.add_argument("--out_csv", type=Path, help="write the results here (long format)")
     parser.add_argument("--out_png", type=Path, help="plot loss against position here")
-    add_adapter_argument(parser, per_model=True)
+    add_tuning_arguments(parser, per_model=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -71,24 +72,22 @@ def _check_writable(out: Path) -> None:
     check_writable(out)
 
 
-def _labels(args: argparse.Namespace) -> list[str]:
+def _labels(args: argparse.Namespace, choices: list[Choice]) -> list[str]:
     if args.labels is not None:
         labels = list(args.labels)
     else:
-        adapters = adapters_per_model(args.adapter, len(args.models))
-        stems = [with_adapter_name(p.stem, a) for p, a in zip(args.models, adapters, strict=True)]
-        paths = [with_adapter_name(str(p), a) for p, a in zip(args.models, adapters, strict=True)]
+        stems = [labelled(p.stem, c) for p, c in zip(args.models, choices, strict=True)]
+        paths = [labelled(str(p), c) for p, c in zip(args.models, choices, strict=True)]
         labels = stems if len(set(stems)) == len(stems) else paths
     if len(set(labels)) != len(labels):
         raise UserError(f"--labels: {labels} repeat a name (expected one distinct label per model)")
     return labels
 
 
-def _load_models(paths: list[Path], device: str, adapters: list[str] | None = None) -> list[RWKVModel]:
-    """Load every model, with its adapter if any (errors before any evaluation), and require one
-    vocabulary size."""
-    folders = adapters_per_model(adapters, len(paths))
-    models = [with_adapter(load_model(p), a).to(device) for p, a in zip(paths, folders, strict=True)]
+def _load_models(paths: list[Path], device: str, choices: list[Choice]) -> list[RWKVModel]:
+    """Load every model, with its adapter and state if any (errors before any evaluation), and
+    require one vocabulary size."""
+    models = [with_additions(load_model(p), c).to(device) for p, c in zip(paths, choices, strict=True)]
     sizes = {str(p): m.cfg.vocab_size for p, m in zip(paths, models, strict=True)}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{p} {v}" for p, v in sizes.items())
@@ -109,8 +108,9 @@ def _check_samples(data: Samples, paths: list[Path], models: list[RWKVModel]) ->
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    labels = _labels(args)
-    models = _load_models(args.models, args.device, args.adapter)
+    choices = choices_per_model(args, len(args.models))
+    labels = _labels(args, choices)
+    models = _load_models(args.models, args.device, choices)
     if args.data is not None:
         data = from_data_config(args.data, args.max_tokens)
     else:

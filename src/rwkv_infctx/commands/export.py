@@ -9,6 +9,7 @@ A DeepSpeed checkpoint is a folder (one file per rank under ZeRO); DeepSpeed's o
 
 A checkpoint of `model.train_mode: lora` is written merged, or with `--adapter_only` as the adapter
 alone in peft's folder format (`commands.export_lora`).
+A checkpoint of `model.train_mode: state` is written as a state file (`commands.export_state`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from torch import Tensor
 
 from rwkv_infctx.commands.export_lora import run_lora_export
+from rwkv_infctx.commands.export_state import run_state_export
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.io.model_file import (
     _strip_prefixes,
@@ -28,6 +30,7 @@ from rwkv_infctx.io.model_file import (
 )
 from rwkv_infctx.model.registry import family_of
 from rwkv_infctx.training.tuning.lora import has_adapters
+from rwkv_infctx.training.tuning.state import checkpoint_states
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ckpt", type=Path, help="checkpoint written by `rwkv-infctx fit`: a .ckpt file or a DeepSpeed folder"
     )
     parser.add_argument(
-        "out", type=Path, help="model file to write (.pth, or .safetensors); with --adapter_only a folder"
+        "out",
+        type=Path,
+        help="model file to write (.pth, or .safetensors); with --adapter_only a folder; of a "
+        "state-mode checkpoint a state .pth",
     )
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="default: bf16")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -51,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise UserError(f"output {args.out}: already exists (use --force to overwrite)")
     sd = read_deepspeed_checkpoint(args.ckpt) if args.ckpt.is_dir() else read_state_dict(args.ckpt)
+    states = checkpoint_states(sd)
+    if states is not None and not args.adapter_only:
+        return run_state_export(args, states)
     if args.adapter_only or has_adapters(sd):
         return run_lora_export(args, sd)
     model = model_from_state_dict(sd, args.ckpt)  # checks the keys and shapes of its family

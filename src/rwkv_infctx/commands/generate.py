@@ -1,4 +1,5 @@
-"""`rwkv-infctx generate MODEL --prompt TEXT [--adapter DIR]`: stream a continuation (the dragon test)."""
+"""`rwkv-infctx generate MODEL --prompt TEXT [--adapter DIR] [--state FILE]`: stream a continuation
+(the dragon test)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rwkv_infctx.commands.adapter_option import add_adapter_argument, with_adapter
+from rwkv_infctx.commands.tuning_options import add_tuning_arguments, choices_per_model, with_additions
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.generation import generate_text
 from rwkv_infctx.io.model_file import load_model
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     parser.add_argument("--top_p", type=float, default=0.85)
     parser.add_argument("--seed", type=int, default=0)
-    add_adapter_argument(parser)
+    add_tuning_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max_tokens {args.max_tokens}: expected a number ≥ 0")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p {args.top_p}: expected a value in (0, 1]")
-    model = with_adapter(load_model(args.model), args.adapter).to(args.device).eval()
+    (choice,) = choices_per_model(args, 1)
+    model = with_additions(load_model(args.model), choice).to(args.device).eval()
     args.tokenizer = args.tokenizer or default_tokenizer(model.cfg.vocab_size)
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size > model.cfg.vocab_size:

@@ -34,7 +34,14 @@ from rwkv_infctx.training.loss_norm import (
     loss_norm,
 )
 from rwkv_infctx.training.nan_guard import NanGuard, NanPolicy
-from rwkv_infctx.training.optim import DecayName, OptimConfig, OptimizerName, make_optimizer, make_scheduler
+from rwkv_infctx.training.optim import (
+    DecayName,
+    OptimConfig,
+    OptimizerName,
+    make_optimizer,
+    make_scheduler,
+    state_lr_scale,
+)
 from rwkv_infctx.training.segments import (
     BpttMode,
     StepReport,
@@ -44,6 +51,7 @@ from rwkv_infctx.training.segments import (
 )
 from rwkv_infctx.training.tuning import TrainMode, check_train_mode
 from rwkv_infctx.training.tuning.lora import LoraInit, apply_lora, lora_options, merged_state_dict
+from rwkv_infctx.training.tuning.state import apply_state_tuning, save_initial_state
 from rwkv_infctx.training.wkv_flops import counting_backend, declare_wkv_work
 
 
@@ -98,7 +106,8 @@ class RWKVModule(pl.LightningModule):
             elsewhere), chunked, fla (RWKV-7, GPU), triton (RWKV-4, GPU) or reference (debugging).
         wkv_self_check: A fast kernel (fla, Triton) checks itself at first use against the chunked op;
             on failure: warn (one warning, then the chunked op), error (stop) or off (no check).
-        export: Path of the RWKV-LM .pth written at the end of fit (null: none).
+        export: Path of the RWKV-LM .pth written at the end of fit (null: none); with train_mode
+            state, the state file instead.
         export_dtype: dtype of that file: bf16 or fp32.
         peak_tflops: Accelerator peak TFLOP/s for the logged MFU (3 × forward FLOPs per token ×
             tokens/s over peak); null looks up known GPUs (H100/H200 989, A100 312, ...); no MFU on
@@ -121,6 +130,10 @@ class RWKVModule(pl.LightningModule):
             name contains one of these strings (ln, att.x_, att.w0, ...).
         load_adapter: lora: a peft adapter folder (adapter_config.json + adapter_model.safetensors)
             whose weights the adapters start from (same targets, rank and alpha).
+        state_lr: state: the initial states' learning rate after warmup (no weight decay); the
+            schedule scales it as it scales lr_init (so lr_init must be above 0).
+        load_state: state: a state file (as `export` writes it) whose states training starts from;
+            null: zeros.
     """
 
     def __init__(
@@ -172,6 +185,8 @@ class RWKVModule(pl.LightningModule):
         lora_init: LoraInit = "default",
         lora_train_also: list[str] | None = None,
         load_adapter: str | None = None,
+        state_lr: float = 1.0,
+        load_state: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -196,6 +211,7 @@ class RWKVModule(pl.LightningModule):
             adam_eps,
             weight_decay,
             layerwise_lr,
+            state_lr=state_lr,
         )
         dims = {
             "n_layer": n_layer,
@@ -223,8 +239,14 @@ class RWKVModule(pl.LightningModule):
         lora = lora_options(train_mode, *lora_args, load_adapter)
         if lora is not None:
             apply_lora(self.model, lora, seed)
-        elif train_mode == "state":
-            raise UserError("model.train_mode: state is not part of this build (expected full or lora)")
+        if train_mode == "state":
+            state_lr_scale(self.optim)  # refuses lr_init 0 now, not when the optimizer is built
+            apply_state_tuning(self.model, load_state, export)
+        elif load_state is not None:
+            raise UserError(
+                f"model.load_state: {load_state} is set, but model.train_mode is {train_mode} "
+                "(expected train_mode: state)"
+            )
         self.last_report: StepReport | None = None
         self._zero3 = False
         self._compiled = False
@@ -333,6 +355,10 @@ class RWKVModule(pl.LightningModule):
             if self.trainer.is_global_zero:
                 path = Path(self.hparams.export)
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if self.hparams.train_mode == "state":  # a state file: the weights did not change
+                    save_initial_state(self.model, path)
+                    rank_zero_info(f"exported the final initial states to {path} (a state file, fp32)")
+                    return
                 lora = self.hparams.train_mode == "lora"
                 sd = merged_state_dict(self.model) if lora else self.model.state_dict()
                 save_state_dict(sd, path, self.hparams.export_dtype)

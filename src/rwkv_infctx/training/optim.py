@@ -3,7 +3,8 @@
 Groups come from the model family's rule (`ModelFamily.optim_rule`): RWKV-4 puts `weight_decay` on
 matrices (squeezed dim ≥ 2) and, with `layerwise_lr`, `time_decay` at 2× and `time_first` at 3× the
 base rate; RWKV-7 (RWKV-LM train_temp) decays only matrices named `*.weight` and runs `att.w0` at 2×
-without decay.
+without decay. RWKV-7's learnt initial states (`model.train_mode: state`) form their own group at
+`state_lr`, without weight decay.
 
 Schedule (per optimizer step s, multiplying every group's base rate):
     warmup:  lr_init · (s + 1) / warmup_steps          for s < warmup_steps
@@ -22,6 +23,7 @@ from torch import nn
 
 from rwkv_infctx.errors import UserError
 from rwkv_infctx.model.registry import family_of
+from rwkv_infctx.training.tuning.state import is_initial_state
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
 DecayName = Literal["cosine", "linear", "exponential"]
@@ -41,6 +43,8 @@ class OptimConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     layerwise_lr: bool = True
+    state_lr: float = 1.0
+    """The rate of the initial states (state tuning) after warmup; the schedule scales it as lr_init."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adam", "sgd"):
@@ -55,6 +59,8 @@ class OptimConfig:
             raise UserError(f"model.warmup_steps: {self.warmup_steps} (expected ≥ 0)")
         if self.weight_decay < 0:
             raise UserError(f"model.weight_decay: {self.weight_decay} (expected ≥ 0)")
+        if not self.state_lr > 0:
+            raise UserError(f"model.state_lr: {self.state_lr} (expected a number > 0)")
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -64,13 +70,26 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale, decays = rule(name, p, cfg.layerwise_lr)
+        if is_initial_state(name):
+            scale, decays = state_lr_scale(cfg), False
+        else:
+            scale, decays = rule(name, p, cfg.layerwise_lr)
         decay = cfg.weight_decay if decays else 0.0
         groups.setdefault((scale, decay), []).append(p)
     return [
         {"params": ps, "lr": cfg.lr_init * scale, "weight_decay": decay, "lr_scale": scale}
         for (scale, decay), ps in sorted(groups.items())
     ]
+
+
+def state_lr_scale(cfg: OptimConfig) -> float:
+    """state_lr as a multiple of lr_init (the schedule multiplies every group's rate alike)."""
+    if cfg.lr_init <= 0:
+        raise UserError(
+            "model.lr_init: 0 with train_mode state (the schedule scales state_lr by lr / lr_init; "
+            "expected lr_init > 0)"
+        )
+    return cfg.state_lr / cfg.lr_init
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:

@@ -41,7 +41,9 @@ Boundaries come in three kinds (`Segment.entry`):
 
 What is asked of a model (RWKV-4 here; later versions implement the same three members):
     model.fresh_state(B, device) -> state
-        The state before the first token: a `RecurrentState` (`.map`, `.tensors()`).
+        The state before the first token: a `RecurrentState` (`.map`, `.tensors()`). It may depend
+        on parameters (RWKV-7's learnt initial state, `training/tuning/state.py`): the sweeps build
+        each fresh entry's state with grad, so their gradient reaches those parameters.
     model.hidden(tokens_BT, state, state_only=False, grad_cp=False) -> (h_BTC | None, new_state)
         The final hidden states (after the last norm: what the head reads) and the state after the
         last token. state_only=True may skip work the new state does not need and returns None for
@@ -309,12 +311,11 @@ class _SegmentedRun:
         state detached and handed on. Dropout draws advance the RNG from the forward's state."""
         if self.rng_start is not None:
             _restore_rng(self.rng_start, self.inputs.device)
-        B = self.inputs.shape[0]
         state: RecurrentState | None = None
         ce_total = 0.0
         for i, seg in enumerate(self.segments):
             if seg.entry == "fresh":
-                state = self.model.fresh_state(B, self.inputs.device)
+                state = self._fresh_with_grad()
             has_tokens = self.seg_tokens[i] > 0  # without: run only for the state, without grad
             with torch.set_grad_enabled(has_tokens), self._replay(None):
                 outputs, out_grads, ce_sum, out_state = self._segment_graph(
@@ -338,6 +339,8 @@ class _SegmentedRun:
             wants_state_grad = seg.entry == "carry"
             if wants_state_grad:
                 state = state.map(lambda t, f: t.detach().requires_grad_())
+            elif seg.entry == "fresh":  # the same values, now in the graph of any parameter they hold
+                state = self._fresh_with_grad()
             with torch.enable_grad(), self._replay(i):
                 outputs, out_grads, ce_sum, _ = self._segment_graph(
                     seg, state, has_tokens, state_grad, grad_out, sums
@@ -349,6 +352,12 @@ class _SegmentedRun:
                 torch.autograd.backward(outputs, out_grads, inputs=[*aliases, *state_in])
             state_grad = tuple(t.grad for t in state_in) if wants_state_grad and outputs else None
         self.report.ce_sum = ce_total
+
+    def _fresh_with_grad(self) -> RecurrentState:
+        """A fresh state built with grad enabled (under `aliased_params`: from the aliases), so that
+        a fresh entry's gradient flows into whatever parameters the model's fresh state holds."""
+        with torch.enable_grad():
+            return self.model.fresh_state(self.inputs.shape[0], self.inputs.device)
 
     def _segment_graph(
         self,

@@ -314,6 +314,7 @@ RULES: tuple[Rule, ...] = (
     number("model.lora_alpha", 0.0, low_open=True),
     number("model.lora_dropout", 0.0, low_open=False, high=1.0, high_open=True),
     choice("model.lora_init", "default", "pissa"),
+    number("model.state_lr", 0.0, low_open=True),
     # data: what to learn
     integer("data.min_token_size", 1, null=True),
     integer("data.max_token_size", 1, null=True),

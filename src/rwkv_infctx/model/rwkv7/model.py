@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from rwkv_infctx.model.rwkv4 import token_shift
 from rwkv_infctx.model.rwkv7.config import RWKV7Config
+from rwkv_infctx.model.rwkv7.initial_state import InitialState
 from rwkv_infctx.model.rwkv7.state import RWKV7State
 from rwkv_infctx.ops.wkv7 import wkv7
 
@@ -166,6 +167,8 @@ class RWKV7(nn.Module):
     The same contract as `RWKV4` (`fresh_state`, `hidden`, `head`; see training/segments.py).
     v_first (layer 0's value) is not state: it is recomputed for every call from the same tokens,
     and reaches earlier segments only through layer 0's carried att_shift.
+    `init_state` (state tuning, `training/tuning/state.py`): when set, the learnt WKV state that
+    every fresh state starts from; None: zeros.
     """
 
     def __init__(self, cfg: RWKV7Config):
@@ -175,14 +178,20 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.init_state: InitialState | None = None
 
     def fresh_state(self, batch_size: int, device=None) -> RWKV7State:
-        """The state before the first token: zero shifts and zero WKV matrices."""
+        """The state before the first token: zero shifts, and zero WKV matrices or `init_state`'s."""
         p = self.emb.weight
-        return RWKV7State.fresh_for(
+        state = RWKV7State.fresh_for(
             self.cfg.n_layer, batch_size, self.cfg.n_embd, self.cfg.head_size,
             device=device or p.device, dtype=p.dtype,
         )  # fmt: skip
+        if self.init_state is None:
+            return state
+        return RWKV7State(
+            state.att_shift, state.ffn_shift, self.init_state.batch(batch_size, state.wkv.device)
+        )
 
     def forward(
         self, tokens_BT: Tensor, state: RWKV7State | None = None, compute_logits: bool = True
