@@ -87,7 +87,7 @@ def _to_chunks(x: Tensor, dt: torch.dtype, L: int, t0: int, t1: int, fill: float
 def _store(out: Tensor, x: Tensor, t0: int, t1: int) -> None:
     """Write chunks (B·H, g, L, N) into tokens t0:t1 of out (B, T, H, N), padding dropped."""
     B, _, H, N = out.shape
-    out[:, t0:t1] = x.view(B, H, -1, N)[:, :, : t1 - t0].permute(0, 2, 1, 3)
+    out[:, t0:t1] = x.reshape(B, H, -1, N)[:, :, : t1 - t0].permute(0, 2, 1, 3)
 
 
 def _groups(T: int, L: int) -> list[tuple[int, int, slice]]:
@@ -101,6 +101,20 @@ def _block_mask(L: int, device) -> Tensor:
     """(2L, 2L) bool: each of the four L×L blocks strictly lower triangular."""
     lower = torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
     return lower.repeat(2, 2)
+
+
+def _unit_lower_inverse(A: Tensor) -> Tensor:
+    """(I - A)⁻¹ for strictly lower triangular A (..., L, L), by doubling: A is nilpotent, so
+    (I - A)⁻¹ = I + A + … + A^{L-1} = (I + A)(I + A²)(I + A⁴)…, 2·ceil(log2 L) - 1 batched GEMMs
+    (LAPACK's batched triangular solve runs one small system at a time, several times slower)."""
+    inv = A.clone()
+    inv.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    power, reach = A, 2  # inv = I + A + … + A^{reach-1}
+    while reach < A.shape[-1]:
+        power = power @ power
+        inv = inv + power @ inv
+        reach *= 2
+    return inv
 
 
 class _Terms:
@@ -124,8 +138,8 @@ class _Terms:
         self.P = (self.X1 @ self.X2.mT).masked_fill_(~mask, 0.0)  # [[A_ab, A_ak], [A_rb, A_rk]]
         self.rb = (r * b).sum(-1, keepdim=True)  # diagonals of A_rb, A_rk (G, g, L, 1)
         self.rk = (r * k).sum(-1, keepdim=True)
-        rhs = torch.cat([self.X1[..., :L, :], self.P[..., :L, L:] @ v], -1)
-        Z = torch.linalg.solve_triangular(-self.P[..., :L, :L], rhs, upper=False, unitriangular=True)
+        self.inv = _unit_lower_inverse(self.P[..., :L, :L])  # (I - A_ab)⁻¹
+        Z = self.inv @ torch.cat([self.X1[..., :L, :], self.P[..., :L, L:] @ v], -1)
         N = r.shape[-1]
         self.W, self.U0 = Z[..., :N], Z[..., N:]
         self.M = self.W.mT @ self.BK[..., :L, :]  # (G, g, N, N) [key, key]
@@ -161,10 +175,11 @@ def _chunk_grads(t: _Terms, S0: Tensor, dY: Tensor, dSL: Tensor, mask: Tensor) -
     L = t.L
     U = t.W @ S0.mT + t.U0
     UV = torch.cat([U, t.v], -2)
-    dU = (t.BK[..., :L, :] @ dSL.mT).add_(t.P[..., L:, :L].mT @ dY).addcmul_(t.rb, dY)
-    dX = torch.linalg.solve_triangular(-t.P[..., :L, :L].mT, dU, upper=True, unitriangular=True)
+    BKd = t.BK @ dSL.mT  # [B̂; K̂] dS_Lᵀ: the end state's share of dU and dv
+    dU = BKd[..., :L, :].add_(t.P[..., L:, :L].mT @ dY).addcmul_(t.rb, dY)
+    dX = t.inv.mT @ dU
     dXY = torch.cat([dX, dY], -2)
-    dv = (t.BK[..., L:, :] @ dSL.mT).add_(t.P[..., :, L:].mT @ dXY).addcmul_(t.rk, dY)
+    dv = BKd[..., L:, :].add_(t.P[..., :, L:].mT @ dXY).addcmul_(t.rk, dY)
     dP = (dXY @ UV.mT).masked_fill_(~mask, 0.0)
     dX1 = (dXY @ S0).add_(dP @ t.X2)  # [dÃ; dR̃]
     dX2 = dP.mT @ t.X1  # [dB̃; dK̃]
