@@ -54,13 +54,18 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rwkv_infctx.ops.wkv4.chunked import _without_autocast
-from rwkv_infctx.ops.wkv7.reference import compute_dtype
+from rwkv_infctx.ops.wkv7.reference import compute_dtype, wkv7_reference
 
 CHUNK_LEN = 64
 """Tokens per chunk (see the module docstring for how it was chosen)."""
 
 GROUP_TOKENS = 2048
 """Tokens whose chunk terms are formed at once: bounds the temporaries for any T."""
+
+SHORT_T = 16
+"""Calls of at most this many tokens without gradients run the per-token recurrence (`wkv7_chunked`):
+on one CPU thread, at B=1, H=2, N=64, the chunked op costs ~0.9 ms at any T <= 16, the recurrence
+~60 µs per token (`bench/wkv7_cpu.py --short`)."""
 
 _RANGE_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 """Largest log-decay range (nats) inside one chunk: e^{±limit} stays normal in the dtype."""
@@ -283,5 +288,10 @@ def wkv7_chunked(
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `wkv7_reference`: y (B, T, H, N) in r's dtype and the final state
     (B, H, N, N) in the compute dtype. chunk_len: tokens per chunk (default CHUNK_LEN); any value
-    gives the same result up to rounding."""
-    return WKV7Chunked.apply(r, w, k, v, a, b, state, chunk_len)
+    gives the same result up to rounding. Calls of 1..SHORT_T tokens that need no gradient (token
+    by token generation) run the per-token recurrence: the chunk terms cost more than they save."""
+    xs = (r, w, k, v, a, b, state)
+    if 0 < r.shape[1] <= SHORT_T and not (torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
+        _check_shapes(*xs)
+        return wkv7_reference(*xs)
+    return WKV7Chunked.apply(*xs, chunk_len)
