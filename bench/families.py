@@ -2,7 +2,8 @@
 
     python bench/families.py targets      # the three stand-in figures for each family, with targets
     python bench/families.py boundary     # peak memory against length, boundary_states device / cpu
-    python bench/families.py profile      # share of one bptt-full step spent in the WKV op (torch.profiler)
+    python bench/families.py profile      # share of one bptt-full step spent in the WKV op (torch.profiler),
+                                          # then unprofiled steps, families alternating, and their ratio
     python bench/families.py boundary --device cuda --n_layer 12 --n_embd 768 --vocab_size 65536 \
         --ctx_len 4096 --lengths 65536,262144,1048576        # on a GPU: torch.cuda.max_memory_allocated
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -159,21 +161,45 @@ def _row(values: list[float], fmt: str) -> str:
 def cmd_profile(args) -> None:
     """One bptt-full step at --tokens per family under torch.profiler (after a warm-up step): the
     step's time and the part spent in the WKV op's autograd node, forward and backward (every event
-    named like the op's Function, e.g. WKV7Chunked and WKV7ChunkedBackward, top-level events only)."""
+    named like the op's Function, e.g. WKV7Chunked and WKV7ChunkedBackward, top-level events only).
+    Then, unprofiled, --repeat steps per family with the families alternating in this one process:
+    the best thread CPU time of each and its ratio to the first family's (a shared machine's other
+    work disturbs thread CPU time and alternating steps less than separate runs)."""
     from torch.profiler import ProfilerActivity, profile
 
     print(f"{_describe(args)}; {args.tokens:,} tokens; load {_loadavg()}")
+    models, batch = {}, None
     for sub in bptt.per_arch(args):
-        model = bptt.make_model(sub)
+        model = models[sub.arch] = bptt.make_model(sub)
         batch = bptt.make_batch([args.tokens], sub.vocab_size)
         bptt.train_step(model, batch, "full", sub.ctx_len, sub.loss_chunk)  # warm-up
         model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             bptt.train_step(model, batch, "full", sub.ctx_len, sub.loss_chunk)
+        model.zero_grad(set_to_none=True)
         events = prof.events()
         total = sum(e.cpu_time_total for e in events if e.cpu_parent is None)
         wkv = sum(e.cpu_time_total for e in events if "WKV" in e.name and not _inside_wkv(e))
         print(f"{sub.arch}: step {total / 1e6:.2f} s, WKV op {wkv / 1e6:.2f} s ({100 * wkv / total:.0f}%)")
+    if args.repeat > 0:
+        best = _alternate_steps(models, batch, args)
+        first = next(iter(best.values()))
+        cells = ", ".join(f"{a} {t:.2f} s ({t / first:.2f})" for a, t in best.items())
+        print(
+            f"unprofiled step, best of {args.repeat} alternating (thread CPU s, ratio to the first): {cells}"
+        )
+
+
+def _alternate_steps(models: dict, batch, args) -> dict[str, float]:
+    """Best thread CPU seconds of one bptt-full step per family, the families' steps alternating."""
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(args.repeat):
+        for arch, model in models.items():
+            start = time.thread_time()
+            bptt.train_step(model, batch, "full", args.ctx_len, args.loss_chunk)
+            best[arch] = min(best[arch], time.thread_time() - start)
+            model.zero_grad(set_to_none=True)
+    return best
 
 
 def _inside_wkv(event) -> bool:
@@ -218,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "profile":
             p.add_argument("--device", default="cpu", help="cpu")
             p.add_argument("--tokens", type=int, default=4096)
+            p.add_argument("--repeat", type=int, default=3, help="unprofiled steps per family (0: none)")
         else:
             p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
             p.add_argument("--lengths", default="4096,16384,65536")

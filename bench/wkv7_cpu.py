@@ -14,12 +14,23 @@ during one fwd+bwd minus its RSS before it (MB). Inputs: fp32, in the RWKV-7 blo
 
 The reference's graph holds several (B, H, N, N) tensors per token; above --ref-max-t tokens it is
 not run and its cells say so.
+
+    python bench/wkv7_cpu.py --against OLD/src/rwkv_infctx/ops/wkv7/chunked.py [--shapes 512x2,1024x4]
+        this chunked op against another version's (e.g. a git worktree of an earlier commit), in one
+        process, calls alternating: fwd and fwd+bwd per (T x H) shape (B=1, N=64; the demo's segment
+        is 512x2, bench/families.py profile's 1024x4), at this CHUNK_LEN and the other's, best of
+        --repeats; times are the thread's CPU time, which a shared machine's other work disturbs less
+    python bench/wkv7_cpu.py --short
+        short calls without gradients (generation): the chunked op's node against the per-token
+        recurrence that `wkv7_chunked` runs for T <= SHORT_T
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import json
 import os
 import platform
@@ -34,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.ops.test_wkv7_chunked import model_inputs
 
-from rwkv_infctx.ops.wkv7.chunked import CHUNK_LEN
+from rwkv_infctx.ops.wkv7.chunked import CHUNK_LEN, SHORT_T
 
 TAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 
@@ -120,6 +131,70 @@ def _cells(ref: dict | None, ch: dict) -> list[str]:
     return cells
 
 
+def _cpu_ms(run, repeats: int) -> float:
+    """Best thread CPU time of `repeats` runs (ms)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.thread_time()
+        run()
+        best = min(best, time.thread_time() - t)
+    return best * 1e3
+
+
+def _alternate(ops: dict, inputs: list[torch.Tensor], repeats: int) -> dict:
+    """Best fwd (no grad) and fwd+bwd thread CPU ms of each (fn, chunk_len) in ops, calls alternating."""
+    best = {(name, part): float("inf") for name in ops for part in ("fwd", "fwd_bwd")}
+    for _ in range(repeats):
+        for name, (fn, L) in ops.items():
+            op = functools.partial(fn, chunk_len=L)
+            with torch.no_grad():
+                best[name, "fwd"] = min(best[name, "fwd"], _cpu_ms(functools.partial(op, *inputs), 1))
+            run = functools.partial(_fwd_bwd, op, inputs)
+            best[name, "fwd_bwd"] = min(best[name, "fwd_bwd"], _cpu_ms(run, 1))
+    return best
+
+
+def compare(args) -> None:
+    """This chunked op against the one in the file `args.against`, calls alternating in one process."""
+    from rwkv_infctx.ops.wkv7 import chunked
+
+    spec = importlib.util.spec_from_file_location("other_chunked", args.against)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    ops = {"other": (other.wkv7_chunked, other.CHUNK_LEN), "this": (chunked.wkv7_chunked, chunked.CHUNK_LEN)}
+    print(f"this: CHUNK_LEN {chunked.CHUNK_LEN}; other ({args.against}): CHUNK_LEN {other.CHUNK_LEN}")
+    print(f"{args.threads} thread(s), fp32, B=1, N={args.N}, best of {args.repeats} (thread CPU ms)\n")
+    print("| T x H | other fwd | this fwd | other/this | other fwd+bwd | this fwd+bwd | other/this |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        T, H = map(int, shape.split("x"))
+        best = _alternate(ops, make_inputs(1, T, H, args.N), args.repeats)
+        cells = []
+        for part in ("fwd", "fwd_bwd"):
+            old, new = best["other", part], best["this", part]
+            cells += [f"{old:.2f}", f"{new:.2f}", f"{old / new:.2f}x"]
+        print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
+
+
+def short(args) -> None:
+    """No-grad calls of a few tokens: the chunked op's node against the per-token recurrence."""
+    from rwkv_infctx.ops.wkv7.chunked import WKV7Chunked
+    from rwkv_infctx.ops.wkv7.reference import wkv7_reference
+
+    print(
+        f"{args.threads} thread(s), fp32, B=1, H={args.H}, N={args.N}, no grad, best of {args.repeats} "
+        f"(thread CPU µs); wkv7_chunked runs the recurrence for T <= {SHORT_T}\n"
+    )
+    print("| T | chunked node µs | recurrence µs |")
+    print("|---|---|---|")
+    for T in (1, 2, 4, 8, 16, 32):
+        inputs = [x.detach() for x in make_inputs(1, T, args.H, args.N)]
+        with torch.no_grad():
+            node = _cpu_ms(functools.partial(WKV7Chunked.apply, *inputs, None), args.repeats) * 1e3
+            loop = _cpu_ms(functools.partial(wkv7_reference, *inputs), args.repeats) * 1e3
+        print(f"| {T} | {node:.0f} | {loop:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,9 +210,15 @@ def main() -> None:
     parser.add_argument("--ref-repeats", type=int, default=2, help="runs per timing of the reference")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ref-max-t", type=int, default=4096, help="longest T the reference is run at")
+    parser.add_argument("--against", help="another chunked.py: time this op against it (see above)")
+    parser.add_argument("--shapes", default="512x2,1024x4", help="T x H cells for --against")
+    parser.add_argument("--short", action="store_true", help="short no-grad calls (see above)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.against or args.short:
+        compare(args) if args.against else short(args)
+        return
     if args.child:
         what, op, T, chunk_len, repeats = *args.child[:2], *map(int, args.child[2:])
         print(json.dumps(child(what, op, args.B, T, args.H, args.N, chunk_len, repeats)))

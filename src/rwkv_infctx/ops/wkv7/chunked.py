@@ -18,8 +18,11 @@ e^{g_{t-1} - g_s}. Write u_t = S_{t-1} a_t (what the state holds at the removal 
 with the factors Ã_t = a_t e^{g_{t-1}}, R̃_t = r_t e^{g_t}, B̃_s = b_s e^{-g_s}, K̃_s = k_s e^{-g_s},
 B̂_s = b_s e^{g_L - g_s}, K̂_s = k_s e^{g_L - g_s}, and the L×L matrices A_ab = Ã B̃ᵀ, A_ak = Ã K̃ᵀ
 (strictly lower), A_rb = R̃ B̃ᵀ, A_rk = R̃ K̃ᵀ (lower, their diagonals r_t·b_t and r_t·k_t formed
-directly). The unit-triangular system is one batched triangular solve per chunk. Everything but
-S_{c+1} = S_c M_c + H_c is parallel over chunks; that scan is one N×N GEMM per chunk.
+directly). (I - A_ab)⁻¹ is formed by doubling, (I + A)(I + A²)(I + A⁴)…, in batched GEMMs (LAPACK's
+batched triangular solve, one small system at a time, was several times slower); the backward's
+transposed system reuses it. Everything but S_{c+1} = S_c M_c + H_c is parallel over chunks; that
+scan is one N×N GEMM per chunk. Inputs are laid out so that [Ã; R̃], [B̃; K̃], [B̂; K̂] and [U; V]
+are formed in place, (G, g, 2L, N) each, without concatenation.
 
 Exactness: the factored products e^{g_{t-1}}·e^{-g_s} equal e^{g_{t-1} - g_s} to rounding as long
 as neither factor leaves the normal range. With the model's w ≤ -0.5 (|λ| < 0.61) a chunk spans at
@@ -37,11 +40,12 @@ Memory: saved for backward are the six inputs (as given, no copies) and the stat
 start, n·G·N² numbers (T·C·N/L); nothing else. Besides y and the gradients it returns, the op's
 temporaries hold one group's chunk terms, whatever T is.
 
-CHUNK_LEN = 64, chosen with `bench/wkv7_cpu.py --chunk-lens 16,32,64` (fp32, B=1, N=64, H=2 and 8,
-T = 4096 and 32768, one thread of a shared 2-core machine): forward+backward times of 32 and 64 were
-within the run-to-run noise (±15%) of each other and 16 was no faster; 64 was the faster in most runs
-and saves half the chunk states of 32. Per token, the chunk products cost ~14·L·N + 10·N² flops and
-the state scan 2·N³/L, so the optimum is flat around L = N. Its fp32 error is ≤ 9e-7 (tests).
+CHUNK_LEN = 32, chosen with `bench/wkv7_cpu.py --against` (this file with CHUNK_LEN 16, 32 and 64
+against each other, fp32, B=1, N=64, T×H = 512×2 (the demo's segment) and 1024×4, one thread of a
+shared 2-core machine): 16 and 32 were within noise of each other for forward+backward and 32 the
+faster forward, both ~1.3× faster than 64 (the doubling's log2 L GEMM pairs grow as L³ per chunk).
+Per token, the chunk products cost ~O(L·N) and the N×N terms and the state scan O(N² + N³/L), so
+the optimum is flat between L = N/4 and N/2. Its fp32 error is ≤ 5e-7 (T ≤ 1000, tests' inputs).
 """
 
 from __future__ import annotations
@@ -54,13 +58,18 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from rwkv_infctx.ops.wkv4.chunked import _without_autocast
-from rwkv_infctx.ops.wkv7.reference import compute_dtype
+from rwkv_infctx.ops.wkv7.reference import compute_dtype, wkv7_reference
 
-CHUNK_LEN = 64
+CHUNK_LEN = 32
 """Tokens per chunk (see the module docstring for how it was chosen)."""
 
 GROUP_TOKENS = 2048
 """Tokens whose chunk terms are formed at once: bounds the temporaries for any T."""
+
+SHORT_T = 16
+"""Calls of at most this many tokens without gradients run the per-token recurrence (`wkv7_chunked`):
+on one CPU thread, at B=1, H=2, N=64, the chunked op costs ~0.9 ms at any T <= 16, the recurrence
+~60 µs per token (`bench/wkv7_cpu.py --short`)."""
 
 _RANGE_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 """Largest log-decay range (nats) inside one chunk: e^{±limit} stays normal in the dtype."""
@@ -84,10 +93,27 @@ def _to_chunks(x: Tensor, dt: torch.dtype, L: int, t0: int, t1: int, fill: float
     return out.view(B * H, g, L, N)
 
 
+def _pair_chunks(x: Tensor | None, y: Tensor, dt: torch.dtype, L: int, t0: int, t1: int) -> Tensor:
+    """Tokens t0:t1 of two (B, T, H, N) inputs -> (B·H, g, 2L, N): each chunk's L rows of x, then its L
+    rows of y, padded with zeros (x None: its rows left unset, for the caller to fill)."""
+    B, _, H, N = y.shape
+    g = -(-(t1 - t0) // L)
+    out = y.new_empty((B, H, g, 2, L, N), dtype=dt)
+    full, rest = divmod(t1 - t0, L)
+    for i, z in enumerate((x, y)):
+        if z is not None:
+            src, dst = z[:, t0:t1].permute(0, 2, 1, 3), out[:, :, :, i]  # (B, H, t, N), (B, H, g, L, N)
+            dst[:, :, :full] = src[:, :, : full * L].unflatten(2, (full, L))
+            if rest:
+                dst[:, :, full, :rest] = src[:, :, full * L :]
+                dst[:, :, full, rest:] = 0.0
+    return out.view(B * H, g, 2 * L, N)
+
+
 def _store(out: Tensor, x: Tensor, t0: int, t1: int) -> None:
     """Write chunks (B·H, g, L, N) into tokens t0:t1 of out (B, T, H, N), padding dropped."""
     B, _, H, N = out.shape
-    out[:, t0:t1] = x.view(B, H, -1, N)[:, :, : t1 - t0].permute(0, 2, 1, 3)
+    out[:, t0:t1] = x.reshape(B, H, -1, N)[:, :, : t1 - t0].permute(0, 2, 1, 3)
 
 
 def _groups(T: int, L: int) -> list[tuple[int, int, slice]]:
@@ -103,12 +129,33 @@ def _block_mask(L: int, device) -> Tensor:
     return lower.repeat(2, 2)
 
 
+def _unit_lower_inverse(A: Tensor) -> Tensor:
+    """(I - A)⁻¹ for strictly lower triangular A (..., L, L), by doubling: A is nilpotent, so
+    (I - A)⁻¹ = I + A + … + A^{L-1} = (I + A)(I + A²)(I + A⁴)…, 2·ceil(log2 L) - 1 batched GEMMs
+    (LAPACK's batched triangular solve runs one small system at a time, several times slower)."""
+    inv = A.clone()
+    inv.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    power, reach = A, 2  # inv = I + A + … + A^{reach-1}
+    while reach < A.shape[-1]:
+        power = power @ power
+        inv = inv + power @ inv
+        reach *= 2
+    return inv
+
+
+def _times_both(pair: Tensor, f: Tensor) -> Tensor:
+    """(..., 2L, N) pair of L-row blocks, each times f (..., L, N)."""
+    return (pair.unflatten(-2, (2, -1)) * f.unsqueeze(-3)).flatten(-3, -2)
+
+
 class _Terms:
     """One group of chunks' factors and matrices; inputs (G, g, L, N) in the compute dtype."""
 
     def __init__(self, inputs: list[Tensor], dt: torch.dtype, L: int, t0: int, t1: int, mask: Tensor):
         r, w, k, v, a, b = inputs
-        r, k, v, a, b = (_to_chunks(x, dt, L, t0, t1) for x in (r, k, v, a, b))
+        ar, bk = _pair_chunks(a, r, dt, L, t0, t1), _pair_chunks(b, k, dt, L, t0, t1)
+        self.uv = _pair_chunks(None, v, dt, L, t0, t1)  # [U; V], U filled in once S0 is known
+        a, r, b, k, v = ar[..., :L, :], ar[..., L:, :], bk[..., :L, :], bk[..., L:, :], self.uv[..., L:, :]
         lam = _to_chunks(w, dt, L, t0, t1, fill=-math.inf).exp_().neg_()  # λ = -e^w; 0 when padded
         self.L, self.lam, self.r, self.k, self.v, self.a, self.b = L, lam, r, k, v, a, b
         g = lam.cumsum(-2)  # g_t, t = 1..L
@@ -118,14 +165,16 @@ class _Terms:
         self.einv = (-g).clamp_(max=_RANGE_LIMIT[g.dtype]).exp_()
         self.eL = (g[..., -1:, :] - g).exp_()
         self.egL = self.eg[..., -1, :]
-        self.X1 = torch.cat([a * self.egp, r * self.eg], -2)  # [Ã; R̃] (G, g, 2L, N)
-        self.X2 = torch.cat([b * self.einv, k * self.einv], -2)  # [B̃; K̃]
-        self.BK = torch.cat([b * self.eL, k * self.eL], -2)  # [B̂; K̂]
+        self.X1 = torch.empty_like(ar)  # [Ã; R̃] (G, g, 2L, N)
+        torch.mul(a, self.egp, out=self.X1[..., :L, :])
+        torch.mul(r, self.eg, out=self.X1[..., L:, :])
+        self.X2 = _times_both(bk, self.einv)  # [B̃; K̃]
+        self.BK = _times_both(bk, self.eL)  # [B̂; K̂]
         self.P = (self.X1 @ self.X2.mT).masked_fill_(~mask, 0.0)  # [[A_ab, A_ak], [A_rb, A_rk]]
         self.rb = (r * b).sum(-1, keepdim=True)  # diagonals of A_rb, A_rk (G, g, L, 1)
         self.rk = (r * k).sum(-1, keepdim=True)
-        rhs = torch.cat([self.X1[..., :L, :], self.P[..., :L, L:] @ v], -1)
-        Z = torch.linalg.solve_triangular(-self.P[..., :L, :L], rhs, upper=False, unitriangular=True)
+        self.inv = _unit_lower_inverse(self.P[..., :L, :L])  # (I - A_ab)⁻¹
+        Z = self.inv @ torch.cat([self.X1[..., :L, :], self.P[..., :L, L:] @ v], -1)
         N = r.shape[-1]
         self.W, self.U0 = Z[..., :N], Z[..., N:]
         self.M = self.W.mT @ self.BK[..., :L, :]  # (G, g, N, N) [key, key]
@@ -134,8 +183,8 @@ class _Terms:
     def outputs(self, S0: Tensor) -> Tensor:
         """Y (G, g, L, N) from each chunk's start state S0 (G, g, N, N)."""
         L = self.L
-        U = self.W @ S0.mT + self.U0
-        Y = self.X1[..., L:, :] @ S0.mT + self.P[..., L:, :] @ torch.cat([U, self.v], -2)
+        U = torch.add(self.W @ S0.mT, self.U0, out=self.uv[..., :L, :])
+        Y = self.X1[..., L:, :] @ S0.mT + self.P[..., L:, :] @ self.uv
         return Y.addcmul_(self.rb, U).addcmul_(self.rk, self.v)
 
 
@@ -159,12 +208,13 @@ def _chunk_grads(t: _Terms, S0: Tensor, dY: Tensor, dSL: Tensor, mask: Tensor) -
     """Gradients (r, w, k, v, a, b) of one group, (G, g, L, N) each, from the chunks' start states
     S0, output gradients dY and end-state gradients dSL."""
     L = t.L
-    U = t.W @ S0.mT + t.U0
-    UV = torch.cat([U, t.v], -2)
-    dU = (t.BK[..., :L, :] @ dSL.mT).add_(t.P[..., L:, :L].mT @ dY).addcmul_(t.rb, dY)
-    dX = torch.linalg.solve_triangular(-t.P[..., :L, :L].mT, dU, upper=True, unitriangular=True)
+    UV = t.uv
+    U = torch.add(t.W @ S0.mT, t.U0, out=UV[..., :L, :])
+    BKd = t.BK @ dSL.mT  # [B̂; K̂] dS_Lᵀ: the end state's share of dU and dv
+    dU = BKd[..., :L, :].add_(t.P[..., L:, :L].mT @ dY).addcmul_(t.rb, dY)
+    dX = t.inv.mT @ dU
     dXY = torch.cat([dX, dY], -2)
-    dv = (t.BK[..., L:, :] @ dSL.mT).add_(t.P[..., :, L:].mT @ dXY).addcmul_(t.rk, dY)
+    dv = BKd[..., L:, :].add_(t.P[..., :, L:].mT @ dXY).addcmul_(t.rk, dY)
     dP = (dXY @ UV.mT).masked_fill_(~mask, 0.0)
     dX1 = (dXY @ S0).add_(dP @ t.X2)  # [dÃ; dR̃]
     dX2 = dP.mT @ t.X1  # [dB̃; dK̃]
@@ -173,12 +223,13 @@ def _chunk_grads(t: _Terms, S0: Tensor, dY: Tensor, dSL: Tensor, mask: Tensor) -
 
     da = dX1[..., :L, :] * t.egp
     dr = (dX1[..., L:, :] * t.eg).addcmul_(drb, t.b).addcmul_(drk, t.k)
-    db = (dX2[..., :L, :] * t.einv).addcmul_(dBK[..., :L, :], t.eL).addcmul_(drb, t.r)
-    dk = (dX2[..., L:, :] * t.einv).addcmul_(dBK[..., L:, :], t.eL).addcmul_(drk, t.r)
+    dbk = _times_both(dX2, t.einv).add_(_times_both(dBK, t.eL))  # [db; dk] less the diagonals' terms
+    db, dk = dbk[..., :L, :].addcmul_(drb, t.r), dbk[..., L:, :].addcmul_(drk, t.r)
 
     # Gradient on g_t from each factor; g_{t-1} of Ã shifts one place, g_L also scales B̂, K̂ and S0.
-    dX1X1, dX2X2, dBKBK = dX1 * t.X1, dX2 * t.X2, dBK * t.BK
-    dg = dX1X1[..., L:, :] - dX2X2[..., :L, :] - dX2X2[..., L:, :] - dBKBK[..., :L, :] - dBKBK[..., L:, :]
+    dX1X1, dBKBK = dX1 * t.X1, dBK * t.BK
+    dX2X2 = dX2.mul_(t.X2).add_(dBKBK).unflatten(-2, (2, L)).sum(-3)  # [B̃; K̃] and [B̂; K̂] terms
+    dg = dX1X1[..., L:, :] - dX2X2
     dg[..., :-1, :] += dX1X1[..., 1:L, :]
     dg[..., -1, :] += dBKBK.sum(-2) + t.egL * (S0 * dSL).sum(-2)
     dlam = dg.flip(-2).cumsum(-2).flip(-2)  # λ_t enters every g_τ with τ >= t
@@ -268,5 +319,10 @@ def wkv7_chunked(
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `wkv7_reference`: y (B, T, H, N) in r's dtype and the final state
     (B, H, N, N) in the compute dtype. chunk_len: tokens per chunk (default CHUNK_LEN); any value
-    gives the same result up to rounding."""
-    return WKV7Chunked.apply(r, w, k, v, a, b, state, chunk_len)
+    gives the same result up to rounding. Calls of 1..SHORT_T tokens that need no gradient (token
+    by token generation) run the per-token recurrence: the chunk terms cost more than they save."""
+    xs = (r, w, k, v, a, b, state)
+    if 0 < r.shape[1] <= SHORT_T and not (torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
+        _check_shapes(*xs)
+        return wkv7_reference(*xs)
+    return WKV7Chunked.apply(*xs, chunk_len)
