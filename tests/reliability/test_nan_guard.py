@@ -6,11 +6,15 @@ from __future__ import annotations
 import csv
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from rwkv_infctx.cli import main
+from rwkv_infctx.io.model_file import save_model
+from rwkv_infctx.model import RWKV7Config
 from rwkv_infctx.training.checkpointing import read_checkpoint
-from tests.reliability.conftest import fit_config, write_config
+from tests.conftest import random_rwkv7
+from tests.reliability.conftest import VOCAB, fit_config, write_config
 
 BAD_STEP = 2
 
@@ -77,3 +81,36 @@ def test_skip_counts_and_goes_on(family, corpus, run_root):
     assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in moments)
     rows = list(csv.DictReader(next(run_root.rglob("metrics.csv")).open()))
     assert {float(r["nan_skips"]) for r in rows if r.get("nan_skips")} == {1.0}
+
+
+@pytest.mark.parametrize("mode", ["lora", "state"])
+def test_skip_in_tuning_modes(mode, corpus, run_root):
+    """The NaN policy with frozen weights: only what trains has gradients; the bad step is skipped
+    and changes nothing, later steps train on."""
+    tuning = {"model.train_mode": mode, **({"model.lora_r": 4} if mode == "lora" else {})}
+    callbacks = [
+        {"class_path": "tests.reliability.test_nan_guard.InjectNaN"},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_train_steps": 1, "save_top_k": -1},
+        },
+    ]
+    base = run_root / "base.pth"  # a random model: from scratch, zero output matrices hide S0's gradient
+    save_model(random_rwkv7(RWKV7Config(n_layer=2, n_embd=64, vocab_size=VOCAB)), base, "fp32")
+    extra = {
+        "trainer.callbacks": callbacks,
+        "model.nan_policy": "skip",
+        "model.load_model": str(base),
+        **tuning,
+    }
+    cfg = write_config(run_root / f"{mode}.yaml", fit_config(run_root, *corpus, "rwkv7", **extra))
+    assert main(["fit", "-c", str(cfg)]) == 0
+    assert steps(run_root) == [1, 2, 3, 4]
+    ckpts = {s: read_checkpoint(next(run_root.rglob(f"*step={s}.ckpt"))) for s in (2, 3, 4)}
+    assert ckpts[4]["callbacks"]["NanGuard"] == {"skipped": 1}
+    trained = "init_state." if mode == "state" else ".lora_"
+    keys = [k for k in ckpts[2]["state_dict"] if trained in k]
+    assert keys
+    for key, value in ckpts[2]["state_dict"].items():  # the skipped step changed nothing
+        assert torch.equal(value, ckpts[3]["state_dict"][key]), key
+    assert any(not torch.equal(ckpts[3]["state_dict"][k], ckpts[4]["state_dict"][k]) for k in keys)
