@@ -29,7 +29,9 @@ def is_initial_state(name: str) -> bool:
     return name.startswith(INIT_STATE_PREFIX)
 
 
-def attach_initial_state(model: nn.Module, path: str | Path | None = None, what: str = "model.load_state"):
+def attach_initial_state(
+    model: nn.Module, path: str | Path | None = None, what: str = "model.load_state"
+) -> nn.Module:
     """Register S0 on an RWKV-7 network as `init_state`: zeros, or the state file at `path` (checked
     against the model's dims; `what` names the option in errors). Returns the model."""
     family = family_of(model).name
