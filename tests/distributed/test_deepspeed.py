@@ -8,6 +8,8 @@ taking the same steps on the whole global batch: the gradients are exact across 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -112,6 +114,13 @@ LORA_LR = 20.0
 fp32 ulps to resolve a 1e-4 relative difference of the update."""
 
 
+def run_zero2_tuning(out: Path, init_model: Path, train_mode: str, lr: float) -> None:
+    """Two SGD steps of `train_mode` under ZeRO-2 on 2 ranks, on LENGTHS, writing into `out`."""
+    lengths = ",".join(map(str, LENGTHS))
+    args = ["deepspeed_stage_2", str(out), str(init_model), lengths, "--steps", "2", "--optimizer", "sgd"]
+    run_ranks([*args, "--ctx_len", str(CTX_LEN), "--lr", str(lr), "--train_mode", train_mode])
+
+
 @pytest.mark.slow
 def test_zero2_lora_trains_exactly_and_exports(init_models, tmp_path):
     """train_mode lora under ZeRO-2 (RWKV-7): the base weights stay as loaded, the adapters take the
@@ -121,18 +130,7 @@ def test_zero2_lora_trains_exactly_and_exports(init_models, tmp_path):
     init_model = init_models.get(family) or save_model(
         random_family_model(family_config(family, vocab_size=100)), tmp_path / "init.pth", "fp32"
     )
-    lengths = ",".join(map(str, LENGTHS))
-    args = [
-        "deepspeed_stage_2",
-        str(tmp_path),
-        str(init_model),
-        lengths,
-        "--steps",
-        "2",
-        "--optimizer",
-        "sgd",
-    ]
-    run_ranks([*args, "--ctx_len", str(CTX_LEN), "--lr", str(LORA_LR), "--train_mode", "lora"])
+    run_zero2_tuning(tmp_path, init_model, "lora", LORA_LR)
 
     trained = [torch.load(tmp_path / f"final_rank{r}.pt") for r in (0, 1)]
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0]), "ranks disagree"

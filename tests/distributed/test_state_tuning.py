@@ -14,8 +14,7 @@ from rwkv_infctx.training.segments import bptt_step
 from rwkv_infctx.training.tuning.state import apply_state_tuning, initial_states
 from rwkv_infctx.training.tuning.state_files import STATE_KEY
 from tests.conftest import family_config, random_family_model
-from tests.distributed.launch import run_ranks
-from tests.distributed.test_deepspeed import CTX_LEN, LENGTHS
+from tests.distributed.test_deepspeed import CTX_LEN, LENGTHS, run_zero2_tuning
 from tests.distributed.worker import synthetic_samples
 from tests.training.batches import rel
 
@@ -44,18 +43,7 @@ def test_zero2_state_tuning_trains_exactly_and_exports(tmp_path):
     init_model = save_model(
         random_family_model(family_config("rwkv7", vocab_size=100)), tmp_path / "i.pth", "fp32"
     )
-    lengths = ",".join(map(str, LENGTHS))
-    args = [
-        "deepspeed_stage_2",
-        str(tmp_path),
-        str(init_model),
-        lengths,
-        "--steps",
-        "2",
-        "--optimizer",
-        "sgd",
-    ]
-    run_ranks([*args, "--ctx_len", str(CTX_LEN), "--lr", str(LR), "--train_mode", "state"])
+    run_zero2_tuning(tmp_path, init_model, "state", LR)
 
     trained = [torch.load(tmp_path / f"final_rank{r}.pt") for r in (0, 1)]
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0]), "ranks disagree"
