@@ -5,7 +5,8 @@
 Each run is `rwkv-infctx fit -c pkg://<config>` in a fresh child process and a fresh folder (the
 data is prepared once beforehand and shared, so both runs time training, validation, export and the
 sample). With --rounds > 1 the two alternate, so a change in the machine's load hits both. Prints
-each run's wall time, its last logged loss and the ratio RWKV-7 / RWKV-4.
+each run's wall time, its losses (the last, the mean of the last five steps, each validation) and
+the ratio RWKV-7 / RWKV-4.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 CONFIGS = {"rwkv7": "pkg://demo.yaml", "rwkv4": "pkg://rwkv4-demo.yaml"}
 
 
-def run_demo(config: str, folder: Path, data: Path, max_steps: int) -> tuple[float, float | None]:
-    """(wall seconds, last training loss) of one demo run in `folder`."""
+def run_demo(config: str, folder: Path, data: Path, max_steps: int) -> tuple[float, dict[str, list[float]]]:
+    """(wall seconds, {"loss": training loss of every step, "val_loss": every validation}) of one
+    demo run in `folder`."""
     args = [
         sys.executable, "-m", "rwkv_infctx", "fit", "-c", config,
         f"--trainer.max_steps={max_steps}", f"--trainer.default_root_dir={folder}",
@@ -37,13 +39,17 @@ def run_demo(config: str, folder: Path, data: Path, max_steps: int) -> tuple[flo
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{config}: exit {done.returncode}\n{done.stderr[-2000:]}")
-    losses = [
-        float(r["loss"])
-        for m in folder.rglob("metrics.csv")
-        for r in csv.DictReader(m.open())
-        if r.get("loss")
-    ]
-    return seconds, (losses[-1] if losses else None)
+    rows = [r for m in folder.rglob("metrics.csv") for r in csv.DictReader(m.open())]
+    return seconds, {key: [float(r[key]) for r in rows if r.get(key)] for key in ("loss", "val_loss")}
+
+
+def _losses(curves: dict[str, list[float]]) -> str:
+    train, val = curves["loss"], curves["val_loss"]
+    tail = train[-5:]
+    return (
+        f"last loss {train[-1]:.3f}, mean of the last {len(tail)} {sum(tail) / len(tail):.3f}, "
+        f"val_loss {', '.join(f'{v:.3f}' for v in val) or '-'}"
+    )
 
 
 def main() -> None:
@@ -59,9 +65,9 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in CONFIGS}
         for r in range(args.rounds):
             for name, config in CONFIGS.items():
-                seconds, loss = run_demo(config, root / f"{name}-{r}", data, args.max_steps)
+                seconds, curves = run_demo(config, root / f"{name}-{r}", data, args.max_steps)
                 times[name].append(seconds)
-                print(f"{name}: {seconds:7.1f} s, last loss {loss:.3f}  ({config}, {args.max_steps} steps)")
+                print(f"{name}: {seconds:7.1f} s, {_losses(curves)}  ({config}, {args.max_steps} steps)")
     best = {name: min(ts) for name, ts in times.items()}
     print(f"wall time RWKV-7 / RWKV-4 (best of {args.rounds}): {best['rwkv7'] / best['rwkv4']:.2f}")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkv_infctx.ops.wkv7 import wkv7
+from rwkv_infctx.ops.wkv7 import chunked, wkv7
 from rwkv_infctx.ops.wkv7.chunked import CHUNK_LEN, WKV7Chunked, chunk_len_for, wkv7_chunked
 from rwkv_infctx.ops.wkv7.reference import wkv7_reference
 
@@ -194,14 +194,45 @@ def _saved_bytes(fn, inputs) -> int:
 
 
 @pytest.mark.parametrize("T", [64, 256, 1000])
-def test_saved_memory_is_inputs_plus_one_state_per_chunk(T):
+@pytest.mark.parametrize("keep", [False, True])
+def test_saved_memory_is_inputs_plus_one_state_per_chunk(T, keep, monkeypatch):
+    """Inputs and chunk start states; plus, when the call keeps its chunk terms, exactly the bytes
+    `_terms_bytes` budgets for them."""
     B, H, N = 1, 2, 64
+    monkeypatch.setattr(chunked, "KEEP_TERMS_BYTES", 1 << 40 if keep else 0)
     inputs = [x.requires_grad_() for x in model_inputs(B, T, H, N)]
     saved = _saved_bytes(_chunked(), inputs)
     n_chunks = -(-T // L)
-    assert saved == 6 * B * T * H * N * 4 + n_chunks * B * H * N * N * 4
-    assert saved < 0.2 * B * T * H * N * N * 4  # far below one state per token
+    terms = chunked._terms_bytes(B * H, T, L, N, torch.float32) if keep else 0
+    assert saved == 6 * B * T * H * N * 4 + n_chunks * B * H * N * N * 4 + terms
+    assert saved < (0.6 if keep else 0.2) * B * T * H * N * N * 4  # below one state per token
     assert _saved_bytes(wkv7_reference, inputs) > B * T * H * N * N * 4  # what the loop keeps
+
+
+def test_terms_are_kept_only_within_the_budget_and_one_group(monkeypatch):
+    B, H, N = 1, 2, 64
+    budget = chunked._terms_bytes(B * H, 256, L, N, torch.float32)
+    monkeypatch.setattr(chunked, "KEEP_TERMS_BYTES", budget)
+    with_grad = [x.requires_grad_() for x in model_inputs(B, 256, H, N)]
+    base = 6 * B * 256 * H * N * 4 + (256 // L) * B * H * N * N * 4
+    assert _saved_bytes(_chunked(), with_grad) == base + budget
+    longer = [x.requires_grad_() for x in model_inputs(B, 257, H, N)]  # one more chunk: over budget
+    assert _saved_bytes(_chunked(), longer) == 6 * B * 257 * H * N * 4 + (256 // L + 1) * B * H * N * N * 4
+    monkeypatch.setattr(chunked, "KEEP_TERMS_BYTES", 1 << 40)
+    monkeypatch.setattr(chunked, "GROUP_TOKENS", 128)  # two groups: recomputed whatever the budget
+    assert _saved_bytes(_chunked(), with_grad) == base
+
+
+@pytest.mark.parametrize("T", [40, 300])
+def test_kept_terms_give_the_recomputed_gradients_bit_for_bit(T, monkeypatch):
+    inputs = model_inputs(2, T, 2, 16, seed=3)
+    results = []
+    for budget in (1 << 40, 0):
+        monkeypatch.setattr(chunked, "KEEP_TERMS_BYTES", budget)
+        results.append(_run(_chunked(), inputs))
+    (outs_kept, grads_kept), (outs_again, grads_again) = results
+    for a, b in zip(outs_kept + grads_kept, outs_again + grads_again, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_one_autograd_node():

@@ -29,16 +29,19 @@ as neither factor leaves the normal range. With the model's w ≤ -0.5 (|λ| < 0
 most 0.61·L nats; inputs with faster decays get a shorter chunk for that call (L·max|λ| ≤ 60 in
 fp32, 600 in fp64; one token per chunk at worst), so any finite input is computed to rounding.
 
-Backward: the chunks' M_c and their own-output terms Q_c = dYᵀ(R̃ + A_rb W̃) are recomputed and
-the state gradient is carried in reverse, dS_{c} = dS_{c+1} M_cᵀ + Q_c (the gradient on the end
-state, dS_T, enters at the last chunk; the one on S0 leaves from the first). Given each chunk's
-start state and end-state gradient, the gradients of all its tokens follow in parallel from the
-formulas above by hand (in `_chunk_grads`); the log-decay gradient is a reverse cumulative sum of
-the per-position terms, and dw = dλ·λ.
+Backward: the chunks' M_c (kept from the forward or formed again) and their own-output terms
+Q_c = dYᵀ(R̃ + A_rb W̃) are computed and the state gradient is carried in reverse,
+dS_{c} = dS_{c+1} M_cᵀ + Q_c (the gradient on the end state, dS_T, enters at the last chunk; the one
+on S0 leaves from the first). Given each chunk's start state and end-state gradient, the gradients
+of all its tokens follow in parallel from the formulas above by hand (in `_chunk_grads`); the
+log-decay gradient is a reverse cumulative sum of the per-position terms, and dw = dλ·λ.
 
 Memory: saved for backward are the six inputs (as given, no copies) and the state at each chunk
-start, n·G·N² numbers (T·C·N/L); nothing else. Besides y and the gradients it returns, the op's
-temporaries hold one group's chunk terms, whatever T is.
+start, n·G·N² numbers (T·C·N/L). A call of one group whose chunk terms take at most
+KEEP_TERMS_BYTES also keeps those terms (~23 numbers per input number), so that its backward does
+not form them again (at the demo's segment, 512 tokens of 2 heads, that makes forward+backward
+~1.2× faster: `bench/wkv7_cpu.py --against`); longer calls recompute them group by group. Besides y
+and the gradients it returns, the op's temporaries hold one group's chunk terms, whatever T is.
 
 CHUNK_LEN = 32, chosen with `bench/wkv7_cpu.py --against` (this file with CHUNK_LEN 16, 32 and 64
 against each other, fp32, B=1, N=64, T×H = 512×2 (the demo's segment) and 1024×4, one thread of a
@@ -70,6 +73,26 @@ SHORT_T = 16
 """Calls of at most this many tokens without gradients run the per-token recurrence (`wkv7_chunked`):
 on one CPU thread, at B=1, H=2, N=64, the chunked op costs ~0.9 ms at any T <= 16, the recurrence
 ~60 µs per token (`bench/wkv7_cpu.py --short`)."""
+
+KEEP_TERMS_BYTES = 32 << 20
+"""A call with gradients keeps its chunk terms for the backward (instead of recomputing them there)
+when it is one group and they take at most this many bytes (~23 numbers per number of one input at
+CHUNK_LEN 32, N = 64; 6.3 MB for the demo's 512 tokens of 2 heads)."""
+
+
+def _terms_bytes(G: int, T: int, L: int, N: int, dt: torch.dtype) -> int:
+    """Bytes of one group's `_Terms` (G heads, T tokens): per chunk, 19 (L, N) blocks (the three pairs
+    and X1, X2, BK of 2 each, five decay factors, W and U0), 5 L×L (P and the inverse), M's N×N and
+    the diagonals rb, rk."""
+    n = -(-T // L)
+    per_chunk = 19 * L * N + 5 * L * L + N * N + 2 * L
+    return G * n * per_chunk * torch.finfo(dt).bits // 8
+
+
+def _keeps_terms(n_groups: int, G: int, T: int, L: int, N: int, dt: torch.dtype) -> bool:
+    """Whether a call with gradients keeps its terms for the backward (see KEEP_TERMS_BYTES)."""
+    return n_groups == 1 and _terms_bytes(G, T, L, N, dt) <= KEEP_TERMS_BYTES
+
 
 _RANGE_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 """Largest log-decay range (nats) inside one chunk: e^{±limit} stays normal in the dtype."""
@@ -151,6 +174,9 @@ def _times_both(pair: Tensor, f: Tensor) -> Tensor:
 class _Terms:
     """One group of chunks' factors and matrices; inputs (G, g, L, N) in the compute dtype."""
 
+    SAVED = ("lam", "r", "k", "v", "a", "b", "eg", "egp", "einv", "eL", "egL", "X1", "X2", "BK", "P",
+             "rb", "rk", "inv", "W", "U0", "M", "uv")  # fmt: skip
+
     def __init__(self, inputs: list[Tensor], dt: torch.dtype, L: int, t0: int, t1: int, mask: Tensor):
         r, w, k, v, a, b = inputs
         ar, bk = _pair_chunks(a, r, dt, L, t0, t1), _pair_chunks(b, k, dt, L, t0, t1)
@@ -180,6 +206,19 @@ class _Terms:
         self.M = self.W.mT @ self.BK[..., :L, :]  # (G, g, N, N) [key, key]
         self.M.diagonal(dim1=-2, dim2=-1).add_(self.egL)
 
+    def tensors(self) -> list[Tensor]:
+        """What the backward reads, in `_Terms.restore`'s order (for `save_for_backward`)."""
+        return [getattr(self, name) for name in _Terms.SAVED]
+
+    @classmethod
+    def restore(cls, L: int, tensors: list[Tensor]) -> _Terms:
+        """The terms `tensors()` returned, without recomputing them."""
+        t = cls.__new__(cls)
+        t.L = L
+        for name, x in zip(cls.SAVED, tensors, strict=True):
+            setattr(t, name, x)
+        return t
+
     def outputs(self, S0: Tensor) -> Tensor:
         """Y (G, g, L, N) from each chunk's start state S0 (G, g, N, N)."""
         L = self.L
@@ -204,12 +243,14 @@ def _scan_backward(dS: Tensor, M: Tensor, Q: Tensor, dS_end: Tensor) -> Tensor:
     return dS
 
 
-def _chunk_grads(t: _Terms, S0: Tensor, dY: Tensor, dSL: Tensor, mask: Tensor) -> list[Tensor]:
+def _chunk_grads(t: _Terms, S0: Tensor, dY: Tensor, dSL: Tensor, mask: Tensor, kept: bool) -> list[Tensor]:
     """Gradients (r, w, k, v, a, b) of one group, (G, g, L, N) each, from the chunks' start states
-    S0, output gradients dY and end-state gradients dSL."""
+    S0, output gradients dY and end-state gradients dSL. kept: t is the forward's (saved) terms,
+    which must stay unchanged (a second backward reads them again)."""
     L = t.L
     UV = t.uv
-    U = torch.add(t.W @ S0.mT, t.U0, out=UV[..., :L, :])
+    # kept: the forward's `outputs` left U there, from these same start states
+    U = UV[..., :L, :] if kept else torch.add(t.W @ S0.mT, t.U0, out=UV[..., :L, :])
     BKd = t.BK @ dSL.mT  # [B̂; K̂] dS_Lᵀ: the end state's share of dU and dv
     dU = BKd[..., :L, :].add_(t.P[..., L:, :L].mT @ dY).addcmul_(t.rb, dY)
     dX = t.inv.mT @ dU
@@ -260,13 +301,15 @@ class WKV7Chunked(torch.autograd.Function):
         mask = _block_mask(L, r.device)
         starts = S.new_empty(B * H, -(-T // L), N, N)
         y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
-        for t0, t1, cs in _groups(T, L):
+        groups = _groups(T, L)
+        keep = any(ctx.needs_input_grad) and _keeps_terms(len(groups), B * H, T, L, N, dt)
+        for t0, t1, cs in groups:
             t = _Terms(inputs, dt, L, t0, t1, mask)
             H_ = torch.cat([t.U0, t.v], -2).mT @ t.BK  # (G, g, N, N)
             S = _scan_forward(S, t.M, H_, starts[:, cs])
             _store(y, t.outputs(starts[:, cs]), t0, t1)
-        ctx.L = L
-        ctx.save_for_backward(r, w, k, v, a, b, starts)
+        ctx.L, ctx.kept = L, keep
+        ctx.save_for_backward(r, w, k, v, a, b, starts, *(t.tensors() if keep else []))
         return y, S.view(B, H, N, N)
 
     @staticmethod
@@ -278,18 +321,19 @@ class WKV7Chunked(torch.autograd.Function):
             dS0 = torch.zeros(B, H, N, N, device=ctx.device) if dS_T is None else dS_T
             zero = torch.zeros(ctx.shape, device=ctx.device)
             return (*(zero.to(d) for d in ctx.dtypes[:6]), dS0.to(ctx.dtypes[6], copy=True), None)
-        *inputs, starts = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        inputs, starts, kept = list(saved[:6]), saved[6], list(saved[7:])
         dt, L, T = starts.dtype, ctx.L, ctx.shape[1]
         dS = starts.new_zeros(B * H, N, N) if dS_T is None else dS_T.to(dt).reshape(B * H, N, N).clone()
         mask = _block_mask(L, starts.device)
         grads = [torch.empty(ctx.shape, dtype=d, device=starts.device) for d in ctx.dtypes[:6]]
         for t0, t1, cs in reversed(_groups(T, L)):
-            t = _Terms(inputs, dt, L, t0, t1, mask)
+            t = _Terms.restore(L, kept) if ctx.kept else _Terms(inputs, dt, L, t0, t1, mask)
             dY = torch.zeros_like(t.r) if dy is None else _to_chunks(dy, dt, L, t0, t1)
             Q = dY.mT @ (t.X1[..., L:, :] + (t.P[..., L:, :L] @ t.W).addcmul_(t.rb, t.W))
             dSL = torch.empty_like(starts[:, cs])
             dS = _scan_backward(dS, t.M, Q, dSL)
-            for out, g in zip(grads, _chunk_grads(t, starts[:, cs], dY, dSL, mask), strict=True):
+            for out, g in zip(grads, _chunk_grads(t, starts[:, cs], dY, dSL, mask, ctx.kept), strict=True):
                 _store(out, g, t0, t1)
         return (*grads, dS.view(B, H, N, N).to(ctx.dtypes[6], copy=True), None)
 
