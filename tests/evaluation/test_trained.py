@@ -14,7 +14,7 @@ from rwkv_infctx.training.cli import bundled_config
 
 @pytest.mark.slow
 def test_demo_trained_model_beats_its_init_in_every_bucket(tmp_path, capsys):
-    config = yaml.safe_load(bundled_config("demo.yaml").read_text())
+    config = yaml.safe_load(bundled_config("rwkv7-demo.yaml").read_text())
     config["trainer"].update(
         max_steps=12, enable_progress_bar=False, enable_model_summary=False, callbacks=[],
         default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,

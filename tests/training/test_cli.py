@@ -71,7 +71,7 @@ def test_every_config_parses(config, capsys):
     assert printed["model"]["ctx_len"] > 0
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "rwkv4-demo.yaml"])
+@pytest.mark.parametrize("name", ["rwkv7-demo.yaml", "rwkv4-demo.yaml"])
 def test_bundled_demo_is_the_repository_demo(name):
     assert bundled_config(name).read_text() == (REPO / "configs" / name).read_text()
     assert main(["fit", "-c", f"pkg://{name}", "--print_config"]) == 0
@@ -172,7 +172,7 @@ def test_export_refuses_folders_and_overwrites(tmp_path, capsys):
 def test_preload_takes_a_bundled_config(tmp_path, capsys):
     text = tmp_path / "tiny.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 200, encoding="utf-8")
-    args = ["preload", "-c", "pkg://demo.yaml", f"--data.source={text}", "--data.rechunk_size=200"]
+    args = ["preload", "-c", "pkg://rwkv7-demo.yaml", f"--data.source={text}", "--data.rechunk_size=200"]
     args.append(f"--data.data_path={tmp_path / 'd'}")
     assert main(args) == 0
     assert "train:" in capsys.readouterr().out and (tmp_path / "d").is_dir()

@@ -2,7 +2,7 @@
 
 Everything a run depends on is in the YAML (`-c config.yaml`) and command-line overrides
 (`--model.ctx_len 1024`, `--trainer.max_steps 100`); `--print_config` shows the merged result.
-`-c pkg://demo.yaml` names a config bundled with the package (the demo).
+`-c pkg://rwkv7-demo.yaml` names a config bundled with the package (the demo).
 """
 
 from __future__ import annotations

@@ -5,12 +5,16 @@
 rows indexed by value and columns by key, the layout of RWKV-LM and the `rwkv` package.
 
 Backends: "reference" (the per-token definition, autograd through a loop: tests and debugging),
-"chunked" (`chunked.py`: one autograd node with a hand-written backward, chunked over T; the CPU
-op for training), "fla" (`fla_kernel.py`: flash-linear-attention's Triton kernel, the GPU op; needs the
-`gpu` extra) and "auto" (fla for CUDA tensors when fla imports, else the chunked op).
+"chunked" (`chunked.py`: one autograd node with a hand-written backward, chunked over T; any device),
+"cpu" (`cpu_kernel.py`: the recurrence as C compiled at first use, float32; the CPU op for training),
+"fla" (`fla_kernel.py`: flash-linear-attention's Triton kernel, the GPU op; needs the `gpu` extra) and
+"auto": fla for CUDA tensors when fla imports; on the CPU the C kernel when a C compiler builds it
+and the inputs are not float64; else the chunked op.
 
-fla checks itself at first use per (dtype, device, head size) against the chunked op
-(`ops/self_check.py`); `self_check` ("warn", "error" or "off") says what a failure does.
+The fast kernels (fla, cpu) check themselves at first use per (dtype, device, head size) against the
+chunked op (`ops/self_check.py`); `self_check` ("warn", "error" or "off") says what a failure does.
+Under "auto" a machine without a C compiler simply uses the chunked op; "cpu" chosen explicitly
+there stops with one line.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rwkv_infctx.errors import UserError
 from rwkv_infctx.ops.self_check import fast_kernel_allowed
+from rwkv_infctx.ops.wkv7 import cpu_kernel
 from rwkv_infctx.ops.wkv7.reference import wkv7_reference
 
-BACKENDS = ("auto", "reference", "chunked", "fla")
+BACKENDS = ("auto", "reference", "chunked", "cpu", "fla")
 
 __all__ = ["BACKENDS", "wkv7", "wkv7_reference"]
 
@@ -47,6 +53,11 @@ def wkv7(
 
         if fast_kernel_allowed("WKV-7", "fla", r, self_check, fla.self_check):
             return fla.wkv7_fla(r, w, k, v, a, b, state)
+    elif backend == "cpu" or (backend == "auto" and cpu_kernel.supports(r, state) and _cpu_kernel_builds()):
+        if backend == "cpu":
+            _check_cpu_backend(r, state)
+        if fast_kernel_allowed("WKV-7", "cpu", r, self_check, cpu_kernel.self_check):
+            return cpu_kernel.wkv7_cpu(r, w, k, v, a, b, state)
     from rwkv_infctx.ops.wkv7.chunked import wkv7_chunked
 
     return wkv7_chunked(r, w, k, v, a, b, state)
@@ -64,3 +75,21 @@ def _fla_importable() -> bool:
 
         _fla_ok = fla_available()
     return _fla_ok
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile: no graph break at dispatch
+def _cpu_kernel_builds() -> bool:
+    """Whether the C kernel is built, or builds now (once per process; see `cpu_kernel`)."""
+    return cpu_kernel.available()
+
+
+def _check_cpu_backend(r: Tensor, state: Tensor) -> None:
+    """UserError unless the explicitly chosen "cpu" backend can run these inputs here."""
+    if not cpu_kernel.supports(r, state):
+        raise UserError(
+            f"model.wkv_backend: cpu takes CPU tensors, not float64, head size <= {cpu_kernel.MAX_N} "
+            f"(got {r.dtype}, {r.device}, head size {r.shape[-1]}); use auto or chunked"
+        )
+    if not cpu_kernel.available():
+        reason = cpu_kernel.unavailable_reason()
+        raise UserError(f"model.wkv_backend: cpu: {reason} (auto and chunked run without a compiler)")
