@@ -23,6 +23,9 @@ not run and its cells say so.
     python bench/wkv7_cpu.py --short
         short calls without gradients (generation): the chunked op's node against the per-token
         recurrence that `wkv7_chunked` runs for T <= SHORT_T
+    python bench/wkv7_cpu.py --kernel [--shapes 512x2,1024x4] [--threads 2]
+        the chunked op against the compiled C kernel (`cpu_kernel.py`, what `wkv_backend: auto` runs
+        on the CPU), calls alternating, fwd and fwd+bwd per shape, best of --repeats, wall-clock ms
 """
 
 from __future__ import annotations
@@ -131,27 +134,42 @@ def _cells(ref: dict | None, ch: dict) -> list[str]:
     return cells
 
 
-def _cpu_ms(run, repeats: int) -> float:
-    """Best thread CPU time of `repeats` runs (ms)."""
+def _cpu_ms(run, repeats: int, clock=time.thread_time) -> float:
+    """Best time of `repeats` runs (ms) on `clock` (default: the thread's CPU time)."""
     best = float("inf")
     for _ in range(repeats):
-        t = time.thread_time()
+        t = clock()
         run()
-        best = min(best, time.thread_time() - t)
+        best = min(best, clock() - t)
     return best * 1e3
 
 
-def _alternate(ops: dict, inputs: list[torch.Tensor], repeats: int) -> dict:
-    """Best fwd (no grad) and fwd+bwd thread CPU ms of each (fn, chunk_len) in ops, calls alternating."""
+def _alternate(ops: dict, inputs: list[torch.Tensor], repeats: int, clock=time.thread_time) -> dict:
+    """Best fwd (no grad) and fwd+bwd ms of each (fn, chunk_len) in ops, calls alternating."""
     best = {(name, part): float("inf") for name in ops for part in ("fwd", "fwd_bwd")}
     for _ in range(repeats):
         for name, (fn, L) in ops.items():
             op = functools.partial(fn, chunk_len=L)
             with torch.no_grad():
-                best[name, "fwd"] = min(best[name, "fwd"], _cpu_ms(functools.partial(op, *inputs), 1))
+                best[name, "fwd"] = min(best[name, "fwd"], _cpu_ms(functools.partial(op, *inputs), 1, clock))
             run = functools.partial(_fwd_bwd, op, inputs)
-            best[name, "fwd_bwd"] = min(best[name, "fwd_bwd"], _cpu_ms(run, 1))
+            best[name, "fwd_bwd"] = min(best[name, "fwd_bwd"], _cpu_ms(run, 1, clock))
     return best
+
+
+def _pair_table(args, ops: dict, clock=time.thread_time) -> None:
+    """fwd and fwd+bwd of the two ops in `ops` per --shapes cell, and first / second."""
+    first, second = ops
+    print(f"| T x H | {first} fwd | {second} fwd | ratio | {first} fwd+bwd | {second} fwd+bwd | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        T, H = map(int, shape.split("x"))
+        best = _alternate(ops, make_inputs(1, T, H, args.N), args.repeats, clock)
+        cells = []
+        for part in ("fwd", "fwd_bwd"):
+            a, b = best[first, part], best[second, part]
+            cells += [f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}x"]
+        print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
 
 
 def compare(args) -> None:
@@ -164,16 +182,22 @@ def compare(args) -> None:
     ops = {"other": (other.wkv7_chunked, other.CHUNK_LEN), "this": (chunked.wkv7_chunked, chunked.CHUNK_LEN)}
     print(f"this: CHUNK_LEN {chunked.CHUNK_LEN}; other ({args.against}): CHUNK_LEN {other.CHUNK_LEN}")
     print(f"{args.threads} thread(s), fp32, B=1, N={args.N}, best of {args.repeats} (thread CPU ms)\n")
-    print("| T x H | other fwd | this fwd | other/this | other fwd+bwd | this fwd+bwd | other/this |")
-    print("|---|---|---|---|---|---|---|")
-    for shape in args.shapes.split(","):
-        T, H = map(int, shape.split("x"))
-        best = _alternate(ops, make_inputs(1, T, H, args.N), args.repeats)
-        cells = []
-        for part in ("fwd", "fwd_bwd"):
-            old, new = best["other", part], best["this", part]
-            cells += [f"{old:.2f}", f"{new:.2f}", f"{old / new:.2f}x"]
-        print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
+    _pair_table(args, ops)
+
+
+def kernel(args) -> None:
+    """The chunked op against the compiled C kernel (`cpu_kernel.py`), calls alternating; wall-clock
+    times, since the kernel runs its heads on --threads OpenMP threads."""
+    from rwkv_infctx.ops.wkv7 import chunked, cpu_kernel
+
+    if not cpu_kernel.available():
+        raise SystemExit(f"the C kernel is unavailable here: {cpu_kernel.unavailable_reason()}")
+    ops = {
+        "chunked": (chunked.wkv7_chunked, chunked.CHUNK_LEN),
+        "cpu": (lambda *xs, chunk_len=None: cpu_kernel.wkv7_cpu(*xs), None),
+    }
+    print(f"{args.threads} thread(s), fp32, B=1, N={args.N}, best of {args.repeats} (wall ms)\n")
+    _pair_table(args, ops, time.perf_counter)
 
 
 def short(args) -> None:
@@ -211,13 +235,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ref-max-t", type=int, default=4096, help="longest T the reference is run at")
     parser.add_argument("--against", help="another chunked.py: time this op against it (see above)")
-    parser.add_argument("--shapes", default="512x2,1024x4", help="T x H cells for --against")
+    parser.add_argument("--shapes", default="512x2,1024x4", help="T x H cells for --against and --kernel")
     parser.add_argument("--short", action="store_true", help="short no-grad calls (see above)")
+    parser.add_argument("--kernel", action="store_true", help="the chunked op against the C kernel")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.against or args.short:
-        compare(args) if args.against else short(args)
+    if args.against or args.short or args.kernel:
+        compare(args) if args.against else kernel(args) if args.kernel else short(args)
         return
     if args.child:
         what, op, T, chunk_len, repeats = *args.child[:2], *map(int, args.child[2:])

@@ -46,10 +46,10 @@ class RWKV7Config:
         RWKV-LM train_temp's formula).
     dropout: dropout after each time-mix and channel-mix (0 disables it).
     wkv_backend: "auto" picks the fastest WKV-7 op for the device (fla's kernel on CUDA when fla
-        imports, the chunked op elsewhere); "fla", "chunked" force one; "reference" forces the
-        per-token PyTorch definition, for debugging.
-    wkv_self_check: what fla's first-use check against the chunked op does when it fails: "warn"
-        (one warning, then the chunked op), "error" (stop) or "off" (no check).
+        imports, the C kernel on the CPU when it builds, the chunked op elsewhere); "fla", "cpu",
+        "chunked" force one; "reference" forces the per-token PyTorch definition, for debugging.
+    wkv_self_check: what a fast kernel's (fla, cpu) first-use check against the chunked op does
+        when it fails: "warn" (one warning, then the chunked op), "error" (stop) or "off" (no check).
     """
 
     n_layer: int

@@ -131,7 +131,8 @@ def _call(name: str, B: int, T: int, H: int, N: int, tensors: list[Tensor | None
     lib = _load()
     if lib is None:
         raise RuntimeError(f"WKV-7 CPU kernel unavailable: {_reason}")
-    ints = [ctypes.c_int(x) for x in (B, T, H, N, CK, torch.get_num_threads())]
+    threads = max(1, min(torch.get_num_threads(), B * H))  # one head per thread at most
+    ints = [ctypes.c_int(x) for x in (B, T, H, N, CK, threads)]
     if getattr(lib, name)(*ints, *map(_ptr, tensors)) != 0:
         raise MemoryError(f"WKV-7 CPU kernel: {name} could not allocate its per-thread buffers")
 
