@@ -163,8 +163,10 @@ def cmd_profile(args) -> None:
     step's time and the part spent in the WKV op's autograd node, forward and backward (every event
     named like the op's Function, e.g. WKV7Chunked and WKV7ChunkedBackward, top-level events only).
     Then, unprofiled, --repeat steps per family with the families alternating in this one process:
-    the best thread CPU time of each and its ratio to the first family's (a shared machine's other
-    work disturbs thread CPU time and alternating steps less than separate runs)."""
+    the best time of each and its ratio to the first family's (a shared machine's other work disturbs
+    alternating steps less than separate runs). The time is the thread's CPU time with --threads 1
+    (which the machine's other work disturbs least), the wall time with more threads (the CPU time
+    of one thread would leave out the others' work)."""
     from torch.profiler import ProfilerActivity, profile
 
     print(f"{_describe(args)}; {args.tokens:,} tokens; load {_loadavg()}")
@@ -185,19 +187,20 @@ def cmd_profile(args) -> None:
         best = _alternate_steps(models, batch, args)
         first = next(iter(best.values()))
         cells = ", ".join(f"{a} {t:.2f} s ({t / first:.2f})" for a, t in best.items())
-        print(
-            f"unprofiled step, best of {args.repeat} alternating (thread CPU s, ratio to the first): {cells}"
-        )
+        clock = "thread CPU s" if args.threads == 1 else "wall s"
+        print(f"unprofiled step, best of {args.repeat} alternating ({clock}, ratio to the first): {cells}")
 
 
 def _alternate_steps(models: dict, batch, args) -> dict[str, float]:
-    """Best thread CPU seconds of one bptt-full step per family, the families' steps alternating."""
+    """Best seconds of one bptt-full step per family, the families' steps alternating (see
+    `cmd_profile` for the clock)."""
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     best = dict.fromkeys(models, float("inf"))
     for _ in range(args.repeat):
         for arch, model in models.items():
-            start = time.thread_time()
+            start = clock()
             bptt.train_step(model, batch, "full", args.ctx_len, args.loss_chunk)
-            best[arch] = min(best[arch], time.thread_time() - start)
+            best[arch] = min(best[arch], clock() - start)
             model.zero_grad(set_to_none=True)
     return best
 
