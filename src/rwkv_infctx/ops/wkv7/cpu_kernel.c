@@ -1,7 +1,7 @@
 /* WKV-7 on the CPU in float32: the per-token recurrence of reference.py, forward and backward.
  *
  * Built at first use by cpu_kernel.py (cc -O3 -march=native -fopenmp) and called through ctypes.
- * Shapes: r, w, k, v, a, b, y and their gradients (B, T, H, N) contiguous; states (B, H, N, N) with
+ * Shapes: r, d, k, v, a, b, y and their gradients (B, T, H, N) contiguous; states (B, H, N, N) with
  * rows indexed by value (i) and columns by key (j), as everywhere in the project.
  *
  * Per head the state is held transposed, key-major (ST[j][i] = S[i][j]), so that every step is a
