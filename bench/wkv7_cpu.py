@@ -23,9 +23,10 @@ not run and its cells say so.
     python bench/wkv7_cpu.py --short
         short calls without gradients (generation): the chunked op's node against the per-token
         recurrence that `wkv7_chunked` runs for T <= SHORT_T
-    python bench/wkv7_cpu.py --kernel [--shapes 512x2,1024x4] [--threads 2]
+    python bench/wkv7_cpu.py --kernel [--shapes 512x2,1024x4] [--threads 2] [--rebuild]
         the chunked op against the compiled C kernel (`cpu_kernel.py`, what `wkv_backend: auto` runs
-        on the CPU), calls alternating, fwd and fwd+bwd per shape, best of --repeats, wall-clock ms
+        on the CPU), calls alternating, fwd and fwd+bwd per shape, best of --repeats, wall-clock ms;
+        first the seconds the kernel took to be ready (--rebuild: compiled afresh)
 """
 
 from __future__ import annotations
@@ -190,8 +191,15 @@ def kernel(args) -> None:
     times, since the kernel runs its heads on --threads OpenMP threads."""
     from rwkv_infctx.ops.wkv7 import chunked, cpu_kernel
 
+    path = cpu_kernel.library_path()
+    if args.rebuild and path is not None:
+        path.unlink(missing_ok=True)
+    cached = path is not None and path.exists()
+    start = time.perf_counter()
     if not cpu_kernel.available():
         raise SystemExit(f"the C kernel is unavailable here: {cpu_kernel.unavailable_reason()}")
+    how = "loaded from the cache" if cached else "compiled and loaded"
+    print(f"C kernel {how} in {time.perf_counter() - start:.2f} s ({path})")
     ops = {
         "chunked": (chunked.wkv7_chunked, chunked.CHUNK_LEN),
         "cpu": (lambda *xs, chunk_len=None: cpu_kernel.wkv7_cpu(*xs), None),
@@ -238,6 +246,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="512x2,1024x4", help="T x H cells for --against and --kernel")
     parser.add_argument("--short", action="store_true", help="short no-grad calls (see above)")
     parser.add_argument("--kernel", action="store_true", help="the chunked op against the C kernel")
+    parser.add_argument("--rebuild", action="store_true", help="--kernel: delete the cached library first")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -7,8 +7,9 @@ a microsecond (`python bench/wkv7_cpu.py --kernel` gives the figures).
 
 The C file is compiled at first use with the system's C compiler (`cc` on PATH) into a shared
 library cached under `~/.cache/rwkv_infctx/kernels/` (XDG's cache folder), one per source, flags,
-compiler and CPU; it takes well under a second. Where no compiler works, `available()`
-is False with the reason in `unavailable_reason()`, and the dispatcher uses the chunked op.
+compiler and CPU; it takes under a second (`bench/wkv7_cpu.py --kernel --rebuild` times it). Where
+no compiler works, `available()` is False with the reason in `unavailable_reason()`, and the
+dispatcher uses the chunked op.
 float32 only (bf16 inputs are widened; float64 goes to the chunked op, which computes in float64).
 
 Memory: the forward saves the inputs and the state at the start of every CK-token chunk,
@@ -84,22 +85,34 @@ def _build(cc: str, out: Path) -> None:
             os.unlink(tmp)
 
 
+def _compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def library_path() -> Path | None:
+    """Where the compiled kernel for this source, flags, compiler and CPU is cached (whether or not
+    it is built yet); None without a C compiler."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    parts = [_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), cc.encode(), _machine_tag().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return _cache_dir() / f"wkv7_cpu_{key}.so"
+
+
 def _load() -> ctypes.CDLL | None:
     """The compiled kernel, built and cached on first call; None (reason kept) when it cannot be."""
     global _lib, _reason
     with _lock:
         if _lib is not None or _reason is not None:
             return _lib
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
+        path = library_path()
+        if path is None:
             _reason = "no C compiler (cc) on PATH"
             return None
-        parts = [_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), cc.encode(), _machine_tag().encode()]
-        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-        path = _cache_dir() / f"wkv7_cpu_{key}.so"
         try:
             if not path.exists():
-                _build(cc, path)
+                _build(_compiler(), path)
             lib = ctypes.CDLL(str(path))
         except OSError as e:
             _reason = f"could not build or load the C kernel: {e}"
